@@ -1,0 +1,1 @@
+"""keras_swa: Stochastic Weight Averaging for Keras and TensorFlow."""

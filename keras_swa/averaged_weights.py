@@ -1,0 +1,272 @@
+"""`AveragedWeights`: the averaging state of SWA, for `model.fit` and for custom training loops.
+
+This is keras_swa's analogue of torch's `torch.optim.swa_utils.AveragedModel`: it holds one fp32
+average per tracked variable and an integer `n_averaged`, and `update()` folds the current weights
+into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math). It is a
+`tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and `keras.callbacks.BackupAndRestore` carry
+the averages and the count.
+
+Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+UAI 2018, arXiv 1803.05407.
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+from keras_swa import averaging
+from keras_swa.backend import keras
+
+__all__ = ["AveragedWeights"]
+
+_MODES = ("swa", "ema")
+
+
+class _Untracked:
+    """Holds the model's variables without making them checkpoint dependencies of the module."""
+
+    def __init__(self, variables):
+        self.variables = tuple(variables)
+
+
+def _as_tf_variable_dtype(variable):
+    return tf.as_dtype(getattr(variable, "dtype", tf.float32))
+
+
+class AveragedWeights(tf.Module):
+    """Running average of a model's weights, updated by one compiled call.
+
+    Create it once the model is built, call `update()` whenever the current weights should be
+    captured (SWA: at the end of each learning-rate cycle), then write the averages into the model
+    with `assign_to()` or temporarily with the `swap()` context manager. In "swa" mode the average
+    is the equal-weight mean of every capture (`avg += (w - avg) / (n + 1)`); in "ema" mode it is an
+    exponential moving average with `decay`. Averages are fp32 whatever the variables' dtype.
+
+    Non-trainable variables (BatchNorm moving statistics, counters) are not averaged by default:
+    SWA recomputes BN statistics for the averaged weights with `keras_swa.update_bn` instead.
+
+    Args:
+        model_or_variables: a built Keras model or layer, or a list of variables (Keras or
+            `tf.Variable`s).
+        mode: `"swa"` (equal-weight mean) or `"ema"` (exponential moving average).
+            Defaults to `"swa"`.
+        decay: the EMA decay in [0, 1); required for `mode="ema"`, not allowed otherwise.
+        include_non_trainable: also average the non-trainable variables of a model.
+            Defaults to `False`.
+        name: name of the module. Defaults to `"averaged_weights"`.
+
+    Example:
+
+    >>> from keras_swa.backend import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> averaged = AveragedWeights(model)
+    >>> averaged.update()             # first capture: a copy
+    >>> model.layers[0].kernel.assign(model.layers[0].kernel + 2.0)
+    >>> averaged.update()             # second capture: mean of the two
+    >>> int(averaged.n_averaged)
+    2
+    >>> with averaged.swap():         # averages in the model, originals back on exit
+    ...     _ = model(tf.ones((1, 3)))
+    >>> averaged.assign_to(model)     # or keep the averages in the model
+    """
+
+    def __init__(
+        self,
+        model_or_variables,
+        mode="swa",
+        decay=None,
+        include_non_trainable=False,
+        name="averaged_weights",
+    ):
+        super().__init__(name=name)
+        if mode not in _MODES:
+            raise ValueError(
+                f"`mode` must be one of {_MODES}. Received: mode={mode!r}"
+            )
+        if mode == "ema":
+            if decay is None or isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0:
+                raise ValueError(
+                    "`decay` must be a float in [0, 1) when `mode='ema'`. "
+                    f"Received: decay={decay!r}"
+                )
+            decay = float(decay)
+        elif decay is not None:
+            raise ValueError(
+                "`decay` is only used with `mode='ema'`; equal-weight SWA has no decay. "
+                f"Received: mode={mode!r}, decay={decay!r}"
+            )
+        self._mode = mode
+        self._decay = decay
+        self._include_non_trainable = bool(include_non_trainable)
+
+        variables = self._collect_variables(model_or_variables, self._include_non_trainable)
+        self._source = _Untracked(variables)
+        self._strategy = tf.distribute.get_strategy()
+        with self._strategy.scope():
+            self.averages = [
+                tf.Variable(
+                    tf.zeros(v.shape, tf.float32),
+                    trainable=False,
+                    name=f"average_{i}",
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
+                for i, v in enumerate(variables)
+            ]
+            self.n_averaged = tf.Variable(
+                tf.constant(0, tf.int64),
+                trainable=False,
+                name="n_averaged",
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+        # Compiled once; the function captures the variables, so it never retraces.
+        self._update_fn = tf.function(self._update_all, jit_compile=True, autograph=False)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @staticmethod
+    def _collect_variables(model_or_variables, include_non_trainable):
+        obj = model_or_variables
+        if isinstance(obj, keras.layers.Layer):
+            if not obj.built or not obj.variables:
+                raise ValueError(
+                    "The model must be built (called on data, or created with an `Input`) "
+                    "before its weights can be averaged. "
+                    f"Received: model={obj.name!r} with built={obj.built}"
+                )
+            variables = obj.variables if include_non_trainable else obj.trainable_variables
+        elif isinstance(obj, (list, tuple)):
+            variables = list(obj)
+            for v in variables:
+                if not hasattr(v, "assign") or not hasattr(v, "shape"):
+                    raise TypeError(
+                        "`model_or_variables` must be a Keras model/layer or a list of "
+                        f"variables. Received an element of type {type(v).__name__}: {v!r}"
+                    )
+        else:
+            raise TypeError(
+                "`model_or_variables` must be a built Keras model/layer or a list of "
+                f"variables. Received: model_or_variables={obj!r}"
+            )
+        variables = list(variables)
+        if not variables:
+            raise ValueError(
+                "There are no variables to average. "
+                f"Received: model_or_variables={obj!r}"
+            )
+        for v in variables:
+            if not _as_tf_variable_dtype(v).is_floating:
+                raise TypeError(
+                    "Only floating-point variables can be averaged. Received variable "
+                    f"{getattr(v, 'path', getattr(v, 'name', v))!r} of dtype {v.dtype}"
+                )
+        return variables
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def mode(self):
+        """`"swa"` or `"ema"`."""
+        return self._mode
+
+    @property
+    def decay(self):
+        """The EMA decay, or `None` in "swa" mode."""
+        return self._decay
+
+    @property
+    def tracked_variables(self):
+        """The model variables whose averages are kept, in the order of `averages`."""
+        return list(self._source.variables)
+
+    # ------------------------------------------------------------------ the update
+
+    def _update_all(self):
+        n = self.n_averaged.read_value()
+        for average, variable in zip(self.averages, self._source.variables):
+            if self._mode == "swa":
+                new = averaging.swa_update(average, variable, n)
+            else:
+                new = averaging.ema_update(average, variable, self._decay, n)
+            average.assign(new)
+        self.n_averaged.assign_add(1)
+
+    def update(self):
+        """Folds the current weights into every average (one compiled call) and counts it.
+
+        Call it from a custom training loop whenever a capture is due, outside or inside a
+        `tf.function`. Under a `tf.distribute` strategy it runs per replica, where every replica
+        holds identical (mirrored) weights.
+        """
+        if tf.distribute.in_cross_replica_context() and self._strategy.num_replicas_in_sync > 1:
+            self._strategy.run(self._update_fn)
+        else:
+            self._update_fn()
+
+    def reset(self):
+        """Forgets every capture: the next `update()` starts a new average."""
+        self.n_averaged.assign(0)
+
+    # ------------------------------------------------------------------ writing back
+
+    def _check_target(self, model):
+        if model is None:
+            return list(self._source.variables)
+        target = self._collect_variables(model, self._include_non_trainable)
+        if len(target) != len(self.averages):
+            raise ValueError(
+                "The model's variables do not match the averages: "
+                f"expected {len(self.averages)} variables, the model has {len(target)}. "
+                f"Received: model={getattr(model, 'name', model)!r}"
+            )
+        for i, (t, a) in enumerate(zip(target, self.averages)):
+            if tuple(t.shape) != tuple(a.shape):
+                raise ValueError(
+                    f"Variable {i} ({getattr(t, 'path', getattr(t, 'name', ''))!r}) has shape "
+                    f"{tuple(t.shape)} but its average has shape {tuple(a.shape)}. "
+                    f"Received: model={getattr(model, 'name', model)!r}"
+                )
+        return target
+
+    def _require_captures(self):
+        if int(self.n_averaged.numpy()) == 0:
+            raise ValueError(
+                "No weights have been averaged yet (n_averaged=0): call `update()` at least "
+                "once before writing the averages into a model."
+            )
+
+    def assign_to(self, model=None):
+        """Writes the averages into the model (cast once to each variable's dtype).
+
+        Args:
+            model: the model to write into; its (trainable, unless `include_non_trainable`)
+                variables must match the averages in number and shape. Defaults to the
+                variables the averages were created from.
+        """
+        self._require_captures()
+        targets = self._check_target(model)
+        self._assign(targets, list(self.averages))
+
+    def _assign(self, targets, values):
+        for target, value in zip(targets, values):
+            target.assign(tf.cast(value, _as_tf_variable_dtype(target)))
+
+    @contextlib.contextmanager
+    def swap(self, model=None):
+        """Context manager: the averages are in the model inside, the original weights after.
+
+        The original values are copied in their own dtype and restored exactly on exit, also
+        when the body raises.
+
+        Args:
+            model: as for `assign_to`. Defaults to the averaged variables themselves.
+        """
+        self._require_captures()
+        targets = self._check_target(model)
+        backup = [tf.identity(tf.convert_to_tensor(t)) for t in targets]
+        self._assign(targets, list(self.averages))
+        try:
+            yield self
+        finally:
+            self._assign(targets, backup)

@@ -1,0 +1,68 @@
+"""The averaging math: pure functions `(average, value, n) -> new_average`.
+
+Stochastic Weight Averaging (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+Generalization", UAI 2018, arXiv 1803.05407) keeps the running equal-weight mean of the weights SGD
+visits:
+
+    average_{n+1} = average_n + (w - average_n) / (n + 1)
+
+which is exact for any n (the first update, n = 0, copies `w`). The exponential moving average
+(`average = decay * average + (1 - decay) * w`) is the other mode keras_swa offers; its first update
+copies too, as Keras' optimizer EMA does. These functions are all the algorithm there is:
+`AveragedWeights` applies them to every variable in one XLA-compiled call.
+"""
+
+import tensorflow as tf
+
+__all__ = ["ema_update", "swa_update"]
+
+
+def swa_update(average, value, n_averaged):
+    """Folds `value` into an equal-weight running mean of `n_averaged` earlier values.
+
+    Args:
+        average: float tensor, the mean of the `n_averaged` values so far (ignored when
+            `n_averaged` is 0).
+        value: tensor of the same shape; cast to `average`'s dtype before the update, so that
+            bf16/fp16 weights are averaged in fp32.
+        n_averaged: integer (or float) scalar tensor, how many values `average` holds.
+
+    Returns:
+        The new mean, of `average`'s dtype.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> avg = swa_update(tf.zeros([2]), tf.constant([1.0, 3.0]), 0)
+    >>> avg = swa_update(avg, tf.constant([3.0, 5.0]), 1)
+    >>> avg.numpy().tolist()
+    [2.0, 4.0]
+    """
+    value = tf.cast(value, average.dtype)
+    n = tf.cast(n_averaged, average.dtype)
+    # `where` makes the first update an exact copy even if `average` holds garbage.
+    return tf.where(n > 0, average + (value - average) / (n + 1), value)
+
+
+def ema_update(average, value, decay, n_averaged):
+    """Folds `value` into an exponential moving average; the first update copies `value`.
+
+    Args:
+        average: float tensor, the current moving average.
+        value: tensor of the same shape, cast to `average`'s dtype.
+        decay: float in [0, 1), the weight kept by the old average.
+        n_averaged: integer scalar tensor, how many values were folded in so far.
+
+    Returns:
+        `decay * average + (1 - decay) * value`, or `value` when `n_averaged` is 0.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> avg = ema_update(tf.zeros([1]), tf.constant([4.0]), 0.5, 0)
+    >>> ema_update(avg, tf.constant([2.0]), 0.5, 1).numpy().tolist()
+    [3.0]
+    """
+    value = tf.cast(value, average.dtype)
+    n = tf.cast(n_averaged, average.dtype)
+    return tf.where(n > 0, decay * average + (1 - decay) * value, value)

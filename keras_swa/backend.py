@@ -1,0 +1,97 @@
+"""The one place where Keras 3 and tf_keras (Keras 2) differ.
+
+keras_swa follows TensorFlow's own switch: with `TF_USE_LEGACY_KERAS=1` in the environment,
+`tf.keras` is tf_keras (Keras 2) and so is keras_swa's `keras`; otherwise both are Keras 3.
+Every other module imports `keras` from here and calls the helpers below instead of branching
+on the Keras version itself.
+"""
+
+import os
+
+import tensorflow as tf
+
+__all__ = [
+    "IS_KERAS_3",
+    "keras",
+    "batch_norm_layers",
+    "get_learning_rate",
+    "iter_layers",
+    "set_learning_rate",
+    "steps_per_execution",
+]
+
+if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
+    import tf_keras as keras  # noqa: F401  (re-exported)
+
+    IS_KERAS_3 = False
+else:
+    import keras  # noqa: F401  (re-exported)
+
+    IS_KERAS_3 = True
+
+
+def iter_layers(model):
+    """Yields `model` and every layer nested in it, each once, parents first.
+
+    Uses only public structure: `layer.layers` of models, and layers held in attributes (also
+    inside lists, tuples and dicts), which is how both Keras versions track sublayers.
+    """
+    seen = set()
+    stack = [model]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, keras.layers.Layer):
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            yield obj
+            children = list(getattr(obj, "layers", None) or [])
+            for value in vars(obj).values():
+                children.append(value)
+            stack.extend(reversed(children))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(reversed(list(obj)))
+        elif isinstance(obj, dict):
+            stack.extend(reversed(list(obj.values())))
+
+
+def batch_norm_layers(model):
+    """Returns every `BatchNormalization` layer inside `model` (nested ones included)."""
+    return [
+        layer
+        for layer in iter_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def get_learning_rate(optimizer):
+    """The optimizer's current learning rate as a Python float (schedules evaluated now)."""
+    lr = optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):  # tf_keras
+        lr = lr(optimizer.iterations)
+    return float(tf.convert_to_tensor(lr))
+
+
+def set_learning_rate(optimizer, value):
+    """Sets a variable learning rate; raises a clear error if the optimizer has a schedule."""
+    try:
+        optimizer.learning_rate = float(value)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise TypeError(
+            "keras_swa cannot set the learning rate of this optimizer: it was built with a "
+            "learning-rate schedule (or a callable), which owns the learning rate. Build the "
+            "optimizer with a float learning rate, or pass `swa_lr=None` and put a "
+            "`keras_swa.schedules` schedule in the optimizer yourself. "
+            f"Received: optimizer={optimizer!r} (learning_rate={optimizer.learning_rate!r}). "
+            f"Original error: {e}"
+        ) from e
+
+
+def steps_per_execution(model):
+    """How many train steps `fit` runs between two batch callbacks (1 when not compiled)."""
+    value = getattr(model, "steps_per_execution", None)
+    if value is None:  # tf_keras keeps it in a variable
+        value = getattr(model, "_steps_per_execution", None)
+    if value is None:
+        return 1
+    return int(tf.convert_to_tensor(value))

@@ -1,0 +1,271 @@
+"""Tests for `keras_swa.AveragedWeights`, checked against numpy over recorded weights."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_swa.averaged_weights import AveragedWeights
+from keras_swa.backend import keras
+
+
+def _model():
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _perturb(variables, rng):
+    for v in variables:
+        v.assign(v.numpy() + rng.normal(size=v.shape).astype(v.numpy().dtype))
+
+
+def _snapshot(variables):
+    return [v.numpy().astype(np.float64) for v in variables]
+
+
+def test_update_equals_numpy_mean_of_recorded_weights():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(0)
+    recorded = []
+    for _ in range(7):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    assert int(averaged.n_averaged.numpy()) == 7
+    for i, average in enumerate(averaged.averages):
+        expected = np.mean([r[i] for r in recorded], axis=0)
+        np.testing.assert_allclose(average.numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert average.dtype == tf.float32
+
+
+def test_first_update_copies_exactly():
+    model = _model()
+    averaged = AveragedWeights(model)
+    averaged.update()
+    for average, v in zip(averaged.averages, model.trainable_variables):
+        np.testing.assert_array_equal(average.numpy(), v.numpy())
+
+
+def test_update_is_one_compiled_call_that_never_retraces():
+    model = _model()
+    averaged = AveragedWeights(model)
+    for _ in range(5):
+        averaged.update()
+    assert averaged._update_fn.experimental_get_tracing_count() == 1
+    # The update is XLA-compiled: the compiler IR exists and updates every average.
+    hlo = averaged._update_fn.experimental_get_compiler_ir()(stage="hlo")
+    assert "HloModule" in hlo
+
+
+def test_update_inside_tf_function():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(1)
+
+    @tf.function
+    def capture():
+        averaged.update()
+
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        capture()
+    expected = np.mean([r[0] for r in recorded], axis=0)
+    np.testing.assert_allclose(averaged.averages[0].numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_mode_matches_numpy_ema():
+    model = _model()
+    decay = 0.9
+    averaged = AveragedWeights(model, mode="ema", decay=decay)
+    rng = np.random.default_rng(2)
+    expected = None
+    for _ in range(6):
+        _perturb(model.trainable_variables, rng)
+        snap = _snapshot(model.trainable_variables)
+        expected = snap if expected is None else [
+            decay * e + (1 - decay) * s for e, s in zip(expected, snap)
+        ]
+        averaged.update()
+    for average, e in zip(averaged.averages, expected):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_non_trainable_excluded_by_default_and_included_on_request():
+    model = _model()
+    default = AveragedWeights(model)
+    assert len(default.averages) == len(model.trainable_variables)
+    tracked_ids = {id(v) for v in default.tracked_variables}
+    for v in model.non_trainable_variables:
+        assert id(v) not in tracked_ids
+    everything = AveragedWeights(model, include_non_trainable=True)
+    assert len(everything.averages) == len(model.variables)
+
+
+def test_list_of_tf_variables():
+    a = tf.Variable([1.0, 2.0])
+    b = tf.Variable([[3.0]])
+    averaged = AveragedWeights([a, b])
+    averaged.update()
+    a.assign([3.0, 6.0])
+    b.assign([[5.0]])
+    averaged.update()
+    np.testing.assert_allclose(averaged.averages[0].numpy(), [2.0, 4.0])
+    np.testing.assert_allclose(averaged.averages[1].numpy(), [[4.0]])
+
+
+def test_assign_to_and_to_another_model():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(3)
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    other = _model()
+    averaged.assign_to(other)
+    for i, v in enumerate(other.trainable_variables):
+        expected = np.mean([r[i] for r in recorded], axis=0)
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-6)
+    averaged.assign_to()
+    for v, w in zip(model.trainable_variables, other.trainable_variables):
+        np.testing.assert_array_equal(v.numpy(), w.numpy())
+
+
+def test_assign_to_mismatched_model_raises_and_leaves_it_untouched():
+    model = _model()
+    averaged = AveragedWeights(model)
+    averaged.update()
+    wrong_shape = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+         keras.layers.Dense(3)]
+    )
+    before = _snapshot(wrong_shape.variables)
+    with pytest.raises(ValueError, match="shape"):
+        averaged.assign_to(wrong_shape)
+    for b, v in zip(before, wrong_shape.variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    wrong_count = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="expected 6 variables, the model has 2"):
+        averaged.assign_to(wrong_count)
+
+
+def test_swap_restores_original_weights_exactly_even_on_error():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        averaged.update()
+    _perturb(model.trainable_variables, rng)
+    original = [v.numpy().copy() for v in model.trainable_variables]
+    with averaged.swap():
+        for v, a in zip(model.trainable_variables, averaged.averages):
+            np.testing.assert_array_equal(v.numpy(), a.numpy())
+    for o, v in zip(original, model.trainable_variables):
+        np.testing.assert_array_equal(o, v.numpy())
+    with pytest.raises(RuntimeError, match="boom"):
+        with averaged.swap():
+            raise RuntimeError("boom")
+    for o, v in zip(original, model.trainable_variables):
+        np.testing.assert_array_equal(o, v.numpy())
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        _perturb(model.trainable_variables, rng)
+        averaged.update()
+    path = tf.train.Checkpoint(swa=averaged).save(str(tmp_path / "ckpt"))
+    saved = [a.numpy().copy() for a in averaged.averages]
+
+    restored = AveragedWeights(model)
+    tf.train.Checkpoint(swa=restored).restore(path).assert_existing_objects_matched()
+    assert int(restored.n_averaged.numpy()) == 4
+    for s, a in zip(saved, restored.averages):
+        np.testing.assert_array_equal(s, a.numpy())
+    # The checkpoint holds the averages and the count, not the model's own weights.
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert not any("kernel" in n or "moving" in n for n in names), names
+
+
+def test_bf16_variables_are_averaged_in_fp32():
+    rng = np.random.default_rng(6)
+    v = tf.Variable(tf.zeros([256], tf.bfloat16))
+    averaged = AveragedWeights([v])
+    total = np.zeros([256], np.float64)
+    n = 1000
+    for _ in range(n):
+        value = tf.cast(rng.normal(loc=3.0, size=256).astype(np.float32), tf.bfloat16)
+        v.assign(value)
+        total += value.numpy().astype(np.float64)
+        averaged.update()
+    mean64 = total / n
+    assert averaged.averages[0].dtype == tf.float32
+    err = np.abs(averaged.averages[0].numpy().astype(np.float64) - mean64).max()
+    # Within fp32 rounding of the float64 mean (a bf16 accumulator would be off by ~1e-2).
+    assert err < 1e-5, err
+    averaged.assign_to()
+    assert v.dtype == tf.bfloat16
+    np.testing.assert_array_equal(
+        v.numpy(), tf.cast(averaged.averages[0], tf.bfloat16).numpy()
+    )
+
+
+def test_reset_starts_a_new_average():
+    v = tf.Variable([1.0])
+    averaged = AveragedWeights([v])
+    averaged.update()
+    averaged.reset()
+    v.assign([5.0])
+    averaged.update()
+    np.testing.assert_array_equal(averaged.averages[0].numpy(), [5.0])
+    assert int(averaged.n_averaged.numpy()) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "mean"}, "mode='mean'"),
+        ({"mode": "ema"}, "decay=None"),
+        ({"mode": "ema", "decay": 1.0}, "decay=1.0"),
+        ({"mode": "ema", "decay": -0.1}, "decay=-0.1"),
+        ({"decay": 0.9}, "decay=0.9"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        AveragedWeights(_model(), **kwargs)
+
+
+def test_unbuilt_model_and_bad_variables_raise():
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="must be built"):
+        AveragedWeights(unbuilt)
+    with pytest.raises(ValueError, match="no variables"):
+        AveragedWeights([])
+    with pytest.raises(TypeError, match="Received an element of type ndarray"):
+        AveragedWeights([np.zeros(3)])
+    with pytest.raises(TypeError, match="int32"):
+        AveragedWeights([tf.Variable([1, 2])])
+    with pytest.raises(TypeError, match="Received: model_or_variables=3"):
+        AveragedWeights(3)
+
+
+def test_writing_before_any_capture_raises():
+    averaged = AveragedWeights(_model())
+    with pytest.raises(ValueError, match="n_averaged=0"):
+        averaged.assign_to()
+    with pytest.raises(ValueError, match="n_averaged=0"):
+        with averaged.swap():
+            pass
