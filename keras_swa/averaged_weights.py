@@ -120,8 +120,11 @@ class AveragedWeights(tf.Module):
                 synchronization=tf.VariableSynchronization.ON_WRITE,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        # Compiled once; the function captures the variables, so it never retraces.
-        self._update_fn = tf.function(self._update_all, jit_compile=True, autograph=False)
+        # Compiled once per instance; it captures the variables, so it never retraces.
+        def update_all():
+            self._update_all()
+
+        self._update_fn = tf.function(update_all, jit_compile=True, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
 

@@ -1,0 +1,401 @@
+"""`SWA`: Stochastic Weight Averaging as a `model.fit` callback.
+
+The callback wires the pieces together and nothing more: from the SWA start on it drives the
+optimizer's learning rate with a `keras_swa.schedules` schedule (constant `swa_lr`, or the paper's
+cyclic schedule from `swa_lr` down to `swa_lr_min`), captures the weights into an
+`AveragedWeights` at the end of every cycle (where the cyclic learning rate is at its minimum),
+and at the end of training writes the averages into the model, recomputes BatchNorm statistics
+with `keras_swa.update_bn` and, if asked, exports a SavedModel with `keras_swa.export_saved_model`.
+
+Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+UAI 2018, arXiv 1803.05407.
+"""
+
+import numbers
+import warnings
+
+from keras_swa import backend
+from keras_swa.averaged_weights import AveragedWeights
+from keras_swa.backend import keras
+from keras_swa.batch_norm import update_bn
+from keras_swa.export import export_saved_model
+from keras_swa.schedules import Cyclic
+
+__all__ = ["SWA"]
+
+_CYCLE_UNITS = ("epoch", "step")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_positive_number(value):
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and value > 0
+        and value == value  # not NaN
+        and value != float("inf")
+    )
+
+
+class SWA(keras.callbacks.Callback):
+    """Stochastic Weight Averaging for `model.fit`.
+
+    From the SWA start on, the weights are captured at the end of every cycle of `cycle_length`
+    epochs (or steps) into an equal-weight running average. If `swa_lr` is given the callback also
+    sets the optimizer's learning rate from the start on: constant `swa_lr`, or, with
+    `swa_lr_min`, the paper's cyclic schedule that falls linearly from `swa_lr` to `swa_lr_min`
+    within each cycle, so that captures happen where the learning rate is `swa_lr_min`. At the end
+    of training the averages are written into the model, the BatchNorm statistics are recomputed
+    for them from `bn_data` (one pass, exact cumulative averages), and with `export_dir` a
+    SavedModel is written.
+
+    The number of captures is logged as `swa_n`, the learning rate as `learning_rate`, in each
+    epoch's logs (and so in the `History`).
+
+    Args:
+        start_epoch: first epoch (0-based) of the SWA phase: an int, or a float in (0, 1) read as a
+            fraction of the `epochs` passed to `fit`. With `cycle_unit="epoch"` the first capture
+            is at the end of epoch `start_epoch + cycle_length - 1`. Give this or `start_step`;
+            when neither is given SWA starts at epoch 0.
+        start_step: number of optimizer steps (`optimizer.iterations`) before the SWA phase;
+            only with `cycle_unit="step"`.
+        cycle_length: positive int, the length of a cycle in `cycle_unit`s; one capture per
+            cycle. Defaults to 1.
+        cycle_unit: `"epoch"` or `"step"`. Defaults to `"epoch"`.
+        swa_lr: the SWA learning rate (a1 in the paper); `None` leaves the optimizer's learning
+            rate alone and only averages. Defaults to `None`.
+        swa_lr_min: the learning rate at the end of each cycle (a2); makes the schedule cyclic.
+            Requires `swa_lr` and `swa_lr_min <= swa_lr`. Defaults to `None` (constant `swa_lr`).
+        bn_data: data for the final BatchNorm pass (anything `keras_swa.update_bn` accepts,
+            usually the training data without augmentation). Required when the model has
+            BatchNormalization layers.
+        bn_steps: number of batches of `bn_data` to use. Defaults to `None` (all of it).
+        bn_batch_size: batch size for array `bn_data` (datasets are already batched).
+            Defaults to `None` (`update_bn`'s default).
+        export_dir: if given, the final model is exported there as a SavedModel.
+        overwrite_export: replace an existing SavedModel at `export_dir`. Defaults to `False`.
+        mode: `"swa"` (equal-weight average) or `"ema"` (exponential moving average with
+            `decay`, captured on the same cycle ends). Defaults to `"swa"`.
+        decay: EMA decay, for `mode="ema"` only.
+        include_non_trainable: average the non-trainable variables too. Defaults to `False`.
+        verbose: 1 prints a line at each capture and at the end; 0 is silent. Defaults to 1.
+
+    Example:
+
+    ```python
+    swa = keras_swa.SWA(start_epoch=0.75, swa_lr=0.01, bn_data=x_train)
+    model.fit(x_train, y_train, epochs=40, callbacks=[swa])
+    # `model` now holds the SWA weights with recomputed BatchNorm statistics.
+    ```
+    """
+
+    def __init__(
+        self,
+        start_epoch=None,
+        start_step=None,
+        cycle_length=1,
+        cycle_unit="epoch",
+        swa_lr=None,
+        swa_lr_min=None,
+        bn_data=None,
+        bn_steps=None,
+        bn_batch_size=None,
+        export_dir=None,
+        overwrite_export=False,
+        mode="swa",
+        decay=None,
+        include_non_trainable=False,
+        verbose=1,
+    ):
+        super().__init__()
+        if start_epoch is not None and start_step is not None:
+            raise ValueError(
+                "Give either `start_epoch` or `start_step`, not both. "
+                f"Received: start_epoch={start_epoch!r}, start_step={start_step!r}"
+            )
+        if start_epoch is not None:
+            if _is_int(start_epoch):
+                if start_epoch < 0:
+                    raise ValueError(
+                        "`start_epoch` must be a non-negative int or a float in (0, 1). "
+                        f"Received: start_epoch={start_epoch!r}"
+                    )
+            elif not (
+                isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0
+            ):
+                raise ValueError(
+                    "`start_epoch` must be a non-negative int or a float in (0, 1) (a fraction "
+                    f"of the epochs passed to fit). Received: start_epoch={start_epoch!r}"
+                )
+        if start_step is not None and not (_is_int(start_step) and start_step >= 0):
+            raise ValueError(
+                f"`start_step` must be a non-negative int. Received: start_step={start_step!r}"
+            )
+        if not (_is_int(cycle_length) and cycle_length >= 1):
+            raise ValueError(
+                "`cycle_length` must be a positive integer. "
+                f"Received: cycle_length={cycle_length!r}"
+            )
+        if cycle_unit not in _CYCLE_UNITS:
+            raise ValueError(
+                f"`cycle_unit` must be one of {_CYCLE_UNITS}. Received: cycle_unit={cycle_unit!r}"
+            )
+        if start_step is not None and cycle_unit != "step":
+            raise ValueError(
+                "`start_step` counts optimizer steps and needs `cycle_unit='step'`; use "
+                "`start_epoch` with epoch cycles. "
+                f"Received: start_step={start_step!r}, cycle_unit={cycle_unit!r}"
+            )
+        if swa_lr is not None and not _is_positive_number(swa_lr):
+            raise ValueError(f"`swa_lr` must be a positive number. Received: swa_lr={swa_lr!r}")
+        if swa_lr_min is not None:
+            if swa_lr is None:
+                raise ValueError(
+                    "`swa_lr_min` makes the schedule cyclic and needs `swa_lr` (the learning "
+                    f"rate at the start of each cycle). Received: swa_lr=None, "
+                    f"swa_lr_min={swa_lr_min!r}"
+                )
+            if not _is_positive_number(swa_lr_min):
+                raise ValueError(
+                    f"`swa_lr_min` must be a positive number. Received: swa_lr_min={swa_lr_min!r}"
+                )
+            if swa_lr_min > swa_lr:
+                raise ValueError(
+                    "`swa_lr_min` must not exceed `swa_lr`: the cyclic schedule falls from "
+                    f"`swa_lr` to `swa_lr_min`. Received: swa_lr={swa_lr!r}, "
+                    f"swa_lr_min={swa_lr_min!r}"
+                )
+        if bn_steps is not None and not (_is_int(bn_steps) and bn_steps >= 1):
+            raise ValueError(f"`bn_steps` must be a positive int. Received: bn_steps={bn_steps!r}")
+        if export_dir is not None and not isinstance(export_dir, (str, bytes)) and not hasattr(
+            export_dir, "__fspath__"
+        ):
+            raise TypeError(f"`export_dir` must be a path. Received: export_dir={export_dir!r}")
+        if verbose not in (0, 1, 2, True, False):
+            raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
+        # Checked here so that a bad mode/decay fails before training, not at train begin.
+        if mode not in ("swa", "ema"):
+            raise ValueError(f"`mode` must be 'swa' or 'ema'. Received: mode={mode!r}")
+
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.cycle_length = int(cycle_length)
+        self.cycle_unit = cycle_unit
+        self.swa_lr = None if swa_lr is None else float(swa_lr)
+        self.swa_lr_min = None if swa_lr_min is None else float(swa_lr_min)
+        self.bn_data = bn_data
+        self.bn_steps = bn_steps
+        self.bn_batch_size = bn_batch_size
+        self.export_dir = export_dir
+        self.overwrite_export = bool(overwrite_export)
+        self.mode = mode
+        self.decay = decay
+        self.include_non_trainable = include_non_trainable
+        self.verbose = int(verbose)
+
+        self.averaged = None
+        self.captures = []  # (epoch, step, learning rate) of every capture, for inspection
+        self._start_epoch = None  # resolved at train begin
+        self._start_iteration = start_step  # optimizer.iterations when the SWA phase begins
+        self._last_swa_step = 0
+
+        # Batch hooks are bound per instance, only when needed: a callback that overrides
+        # `on_train_batch_end` turns off Keras' asynchronous dispatch for the whole fit.
+        if cycle_unit == "step":
+            self.on_train_batch_end = self._capture_on_step_cycle
+        if cycle_unit == "step" or swa_lr_min is not None:
+            self.on_train_batch_begin = self._set_learning_rate_for_step
+
+    # ------------------------------------------------------------------ helpers
+
+    def _iterations(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def _cycle_steps(self):
+        if self.cycle_unit == "step":
+            return self.cycle_length
+        return self.cycle_length * self._steps_per_epoch
+
+    def _schedule(self):
+        if self.swa_lr_min is None:
+            return None
+        return Cyclic(self.swa_lr, self.swa_lr_min, self._cycle_steps())
+
+    def _in_swa_phase(self):
+        return self._start_iteration is not None
+
+    def _log(self, message):
+        if self.verbose:
+            print(message)
+
+    # ------------------------------------------------------------------ train begin / end
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        epochs = self.params.get("epochs") if self.params else None
+        self._steps_per_epoch = (self.params or {}).get("steps")
+        if isinstance(self.start_epoch, float):
+            if not epochs:
+                raise ValueError(
+                    "A fractional `start_epoch` needs the number of epochs of `fit`. "
+                    f"Received: start_epoch={self.start_epoch!r}, epochs={epochs!r}"
+                )
+            self._start_epoch = int(round(self.start_epoch * epochs))
+        elif self.start_epoch is not None:
+            self._start_epoch = self.start_epoch
+        elif self.start_step is None:
+            self._start_epoch = 0
+        if self._start_epoch is not None and epochs and self._start_epoch >= epochs:
+            warnings.warn(
+                f"SWA starts at epoch {self._start_epoch} but fit runs {epochs} epochs "
+                "(0-based epochs 0.."
+                f"{epochs - 1}): no weights will be averaged. "
+                f"Received: start_epoch={self.start_epoch!r}",
+                stacklevel=2,
+            )
+
+        bn_layers = [
+            layer for layer in backend.batch_norm_layers(model) if layer.trainable
+        ]
+        if bn_layers and self.bn_data is None:
+            names = ", ".join(repr(layer.name) for layer in bn_layers)
+            raise ValueError(
+                "The model has BatchNormalization layers whose statistics must be recomputed "
+                f"for the averaged weights ({names}): pass `bn_data` (e.g. the training "
+                "inputs) to keras_swa.SWA. Received: bn_data=None"
+            )
+        if self.swa_lr is not None:
+            # Fails here, before any training, if the learning rate cannot be set.
+            backend.set_learning_rate(model.optimizer, backend.get_learning_rate(model.optimizer))
+        execution = backend.steps_per_execution(model)
+        if execution > 1:
+            if self.swa_lr_min is not None:
+                raise ValueError(
+                    "The cyclic SWA schedule changes the learning rate every step, which "
+                    f"`steps_per_execution={execution}` does not allow from a callback. Compile "
+                    "with steps_per_execution=1, or put keras_swa.schedules.Cyclic (or "
+                    "PaperSchedule) in the optimizer and pass swa_lr=None. "
+                    f"Received: swa_lr_min={self.swa_lr_min!r}, steps_per_execution={execution}"
+                )
+            if self.cycle_unit == "step":
+                bad = [
+                    (name, value)
+                    for name, value in (
+                        ("cycle_length", self.cycle_length),
+                        ("start_step", self.start_step or 0),
+                    )
+                    if value % execution
+                ]
+                if self._steps_per_epoch and self._steps_per_epoch % execution:
+                    bad.append(("steps per epoch", self._steps_per_epoch))
+                if bad:
+                    text = ", ".join(f"{n}={v}" for n, v in bad)
+                    raise ValueError(
+                        "Step captures must land on cycle ends, but fit runs "
+                        f"{execution} steps per execution and {text} is not a multiple of it. "
+                        f"Received: steps_per_execution={execution}, {text}"
+                    )
+        if self.swa_lr_min is not None and self.cycle_unit == "epoch" and not self._steps_per_epoch:
+            raise ValueError(
+                "The cyclic schedule with epoch cycles needs the number of steps per epoch; "
+                "pass `steps_per_epoch` to fit or use `cycle_unit='step'`. "
+                f"Received: steps per epoch={self._steps_per_epoch!r}"
+            )
+        if self.averaged is None:
+            self.averaged = AveragedWeights(
+                model,
+                mode=self.mode,
+                decay=self.decay,
+                include_non_trainable=self.include_non_trainable,
+                name="swa",
+            )
+
+    def on_train_end(self, logs=None):
+        n = int(self.averaged.n_averaged.numpy()) if self.averaged is not None else 0
+        if n == 0:
+            warnings.warn(
+                "SWA captured no weights during this fit (the SWA start was never reached), so "
+                "the model is left as training ended it. "
+                f"Received: start_epoch={self.start_epoch!r}, start_step={self.start_step!r}",
+                stacklevel=2,
+            )
+            return
+        self.averaged.assign_to(self.model)
+        self._log(f"SWA: model set to the average of {n} captures.")
+        if backend.batch_norm_layers(self.model):
+            seen = update_bn(
+                self.model,
+                self.bn_data,
+                steps=self.bn_steps,
+                batch_size=self.bn_batch_size,
+                verbose=0,
+            )
+            self._log(f"SWA: BatchNorm statistics recomputed over {seen} samples.")
+        if self.export_dir is not None:
+            path = export_saved_model(self.model, self.export_dir, overwrite=self.overwrite_export)
+            self._log(f"SWA: SavedModel written to {path}.")
+
+    # ------------------------------------------------------------------ epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._start_epoch is not None and epoch == self._start_epoch:
+            self._start_iteration = self._iterations()
+        if self._in_swa_phase() and self.swa_lr is not None and self.swa_lr_min is None:
+            backend.set_learning_rate(self.model.optimizer, self.swa_lr)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (
+            self.cycle_unit == "epoch"
+            and self._start_epoch is not None
+            and epoch >= self._start_epoch
+            and (epoch - self._start_epoch + 1) % self.cycle_length == 0
+        ):
+            self._capture(epoch)
+        if logs is not None:
+            logs["learning_rate"] = backend.get_learning_rate(self.model.optimizer)
+            logs["swa_n"] = int(self.averaged.n_averaged.numpy())
+
+    # ------------------------------------------------------------------ steps (bound per instance)
+
+    def _set_learning_rate_for_step(self, batch, logs=None):
+        if self.start_step is not None and self._start_iteration is None:
+            self._start_iteration = self.start_step
+        if not self._in_swa_phase() or self.swa_lr is None:
+            return
+        swa_step = self._iterations() - self._start_iteration + 1  # the step about to run
+        if swa_step < 1:
+            return
+        schedule = self._schedule()
+        lr = self.swa_lr if schedule is None else float(schedule(swa_step - 1))
+        backend.set_learning_rate(self.model.optimizer, lr)
+
+    def _capture_on_step_cycle(self, batch, logs=None):
+        if not self._in_swa_phase():
+            return
+        swa_step = self._iterations() - self._start_iteration
+        if swa_step < 1:
+            return
+        previous, self._last_swa_step = self._last_swa_step, swa_step
+        ends_crossed = swa_step // self.cycle_length - max(previous, 0) // self.cycle_length
+        if ends_crossed == 0:
+            return
+        if ends_crossed > 1 or swa_step % self.cycle_length:
+            raise RuntimeError(
+                f"SWA missed a cycle end: the last capture check was at SWA step {previous} "
+                f"and this one is at {swa_step} with cycle_length={self.cycle_length}."
+            )
+        self._capture(None)
+
+    def _capture(self, epoch):
+        self.averaged.update()
+        lr = backend.get_learning_rate(self.model.optimizer)
+        step = self._iterations()
+        self.captures.append((epoch, step, lr))
+        where = f"epoch {epoch + 1}" if epoch is not None else f"step {step}"
+        self._log(
+            f"SWA: captured weights at {where} "
+            f"(n_averaged={int(self.averaged.n_averaged.numpy())}, learning_rate={lr:.6g})."
+        )

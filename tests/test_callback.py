@@ -1,0 +1,296 @@
+"""Tests for the `keras_swa.SWA` callback: captures, learning rates and the end-of-training steps.
+
+Every expectation is computed independently: numpy means of weights recorded by a separate callback,
+the paper's cyclic formula written out here, numpy BatchNorm statistics of the layer inputs.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_swa.backend import IS_KERAS_3, keras
+from keras_swa.callback import SWA
+
+N, BATCH = 64, 16  # 4 steps per epoch
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 5)).astype("float32")
+    y = (x @ rng.normal(size=(5, 1))).astype("float32") + 0.1
+    return x, y
+
+
+def _dense_model(lr=0.05):
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model
+
+
+def _bn_model(lr=0.05):
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(6, name="dense_in")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    outputs = keras.layers.Dense(1)(keras.layers.Activation("relu")(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model
+
+
+def _lr(model):
+    return float(tf.convert_to_tensor(model.optimizer.learning_rate))
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records weights and learning rate at every epoch end, and optionally every step."""
+
+    def __init__(self, per_step=False):
+        super().__init__()
+        self.epochs, self.steps = [], []
+        if per_step:
+            self.on_train_batch_end = self._batch_end
+
+    def _snap(self):
+        return [v.numpy().astype(np.float64) for v in self.model.trainable_variables]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append((epoch, _lr(self.model), self._snap()))
+
+    def _batch_end(self, batch, logs=None):
+        it = int(self.model.optimizer.iterations.numpy())
+        self.steps.append((it, _lr(self.model), self._snap()))
+
+
+def _mean(snaps):
+    return [np.mean([s[i] for s in snaps], axis=0) for i in range(len(snaps[0]))]
+
+
+def _assert_weights(model, expected):
+    for v, e in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
+
+
+def paper_cyclic_lr(i, a1, a2, c):
+    """lr(i) = (1 - t(i)) a1 + t(i) a2, t(i) = (((i - 1) mod c) + 1) / c (Izmailov et al. 2018)."""
+    t = (((i - 1) % c) + 1) / c
+    return (1 - t) * a1 + t * a2
+
+
+def test_constant_lr_epoch_captures_equal_numpy_mean():
+    x, y = _data()
+    model = _dense_model(lr=0.05)
+    swa = SWA(start_epoch=2, swa_lr=0.02, verbose=0)
+    rec = Recorder()
+    history = model.fit(x, y, batch_size=BATCH, epochs=6, callbacks=[swa, rec], verbose=0,
+                        shuffle=False)
+    captured = [snap for epoch, _, snap in rec.epochs if epoch >= 2]
+    assert len(captured) == 4
+    assert int(swa.averaged.n_averaged.numpy()) == 4
+    _assert_weights(model, _mean(captured))
+    lrs = {epoch: lr for epoch, lr, _ in rec.epochs}
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.05)
+    for epoch in range(2, 6):
+        assert lrs[epoch] == pytest.approx(0.02)
+    assert history.history["swa_n"] == [0, 0, 1, 2, 3, 4]
+    np.testing.assert_allclose(history.history["learning_rate"], [0.05, 0.05] + [0.02] * 4,
+                               rtol=1e-6)
+    assert [lr for _, _, lr in swa.captures] == pytest.approx([0.02] * 4)
+
+
+def test_cyclic_step_schedule_follows_paper_and_captures_at_cycle_ends():
+    x, y = _data(1)
+    a1, a2, c, start = 0.05, 0.005, 3, 5
+    model = _dense_model(lr=0.1)
+    swa = SWA(start_step=start, cycle_unit="step", cycle_length=c, swa_lr=a1, swa_lr_min=a2,
+              verbose=0)
+    rec = Recorder(per_step=True)
+    model.fit(x, y, batch_size=BATCH, epochs=5, callbacks=[swa, rec], verbose=0, shuffle=False)
+    total = 5 * N // BATCH
+    assert [it for it, _, _ in rec.steps] == list(range(1, total + 1))
+    for it, lr, _ in rec.steps:
+        i = it - start  # SWA step i = 1, 2, ... after `start` plain steps
+        expected = 0.1 if i < 1 else paper_cyclic_lr(i, a1, a2, c)
+        assert lr == pytest.approx(expected, rel=1e-6), (it, lr, expected)
+    capture_steps = [it for it, _, _ in rec.steps if it - start >= 1 and (it - start) % c == 0]
+    assert [step for _, step, _ in swa.captures] == capture_steps
+    assert [lr for _, _, lr in swa.captures] == pytest.approx([a2] * len(capture_steps))
+    _assert_weights(model, _mean([snap for it, _, snap in rec.steps if it in capture_steps]))
+    assert int(swa.averaged.n_averaged.numpy()) == len(capture_steps)
+
+
+def test_cyclic_epoch_cycles():
+    x, y = _data(2)
+    a1, a2 = 0.04, 0.004
+    steps_per_epoch = N // BATCH
+    model = _dense_model(lr=0.1)
+    swa = SWA(start_epoch=1, cycle_length=2, swa_lr=a1, swa_lr_min=a2, verbose=0)
+    rec = Recorder(per_step=True)
+    model.fit(x, y, batch_size=BATCH, epochs=5, callbacks=[swa, rec], verbose=0, shuffle=False)
+    c = 2 * steps_per_epoch
+    for it, lr, _ in rec.steps:
+        i = it - steps_per_epoch
+        expected = 0.1 if i < 1 else paper_cyclic_lr(i, a1, a2, c)
+        assert lr == pytest.approx(expected, rel=1e-6), (it, lr, expected)
+    captured = [snap for epoch, _, snap in rec.epochs if epoch in (2, 4)]
+    assert [e for e, _, _ in swa.captures] == [2, 4]
+    assert [lr for _, _, lr in swa.captures] == pytest.approx([a2, a2])
+    _assert_weights(model, _mean(captured))
+
+
+def test_swa_lr_none_only_averages():
+    x, y = _data(3)
+    model = _dense_model(lr=0.03)
+    swa = SWA(start_epoch=0.5, verbose=0)  # fraction of 4 epochs -> epoch 2
+    rec = Recorder()
+    model.fit(x, y, batch_size=BATCH, epochs=4, callbacks=[swa, rec], verbose=0)
+    assert all(lr == pytest.approx(0.03) for _, lr, _ in rec.epochs)
+    _assert_weights(model, _mean([snap for epoch, _, snap in rec.epochs if epoch >= 2]))
+
+
+def test_batchnorm_recomputed_for_the_averaged_weights():
+    x, y = _data(4)
+    model = _bn_model()
+    bn_batch = 16
+    swa = SWA(start_epoch=1, swa_lr=0.02, bn_data=x, bn_batch_size=bn_batch, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=4, callbacks=[swa], verbose=0)
+    # Inputs of the BN layer under the final (averaged) weights, computed with numpy; the
+    # statistics are the cumulative averages of each batch's mean and biased variance.
+    dense = model.get_layer("dense_in")
+    kernel, bias = (w.numpy().astype(np.float64) for w in dense.weights)
+    h = x.astype(np.float64) @ kernel + bias
+    batches = [h[i : i + bn_batch] for i in range(0, N, bn_batch)]
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), np.mean([b.mean(axis=0) for b in batches], axis=0),
+        rtol=1e-4, atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), np.mean([b.var(axis=0) for b in batches], axis=0),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_batchnorm_model_without_bn_data_fails_before_training():
+    x, y = _data()
+    model = _bn_model()
+    before = [v.numpy().copy() for v in model.variables]
+    with pytest.raises(ValueError, match=r"'bn'.*Received: bn_data=None"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[SWA(verbose=0)], verbose=0)
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_no_capture_warns_and_leaves_model_alone():
+    x, y = _data()
+    model = _dense_model()
+    rec = Recorder()
+    swa = SWA(start_epoch=5, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa, rec], verbose=0)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no weights will be averaged" in messages
+    assert "captured no weights" in messages
+    _assert_weights(model, rec.epochs[-1][2])
+
+
+def test_early_stopping_finalises_with_what_was_captured():
+    x, y = _data(5)
+    model = _dense_model(lr=0.0)  # no progress: EarlyStopping stops after `patience` epochs
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1, min_delta=1.0)
+    rec = Recorder()
+    swa = SWA(start_epoch=0, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=20, callbacks=[swa, rec, stop], verbose=0)
+    assert 1 < len(rec.epochs) < 20
+    assert int(swa.averaged.n_averaged.numpy()) == len(rec.epochs)
+    _assert_weights(model, _mean([snap for _, _, snap in rec.epochs]))
+
+
+def test_steps_per_execution():
+    x, y = _data(6)
+    model = _dense_model()
+    model.compile(keras.optimizers.SGD(0.05), "mse", steps_per_execution=2)
+    with pytest.raises(ValueError, match="cycle_length=3"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                  callbacks=[SWA(cycle_unit="step", cycle_length=3, verbose=0)])
+    with pytest.raises(ValueError, match="steps_per_execution=2"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                  callbacks=[SWA(swa_lr=0.1, swa_lr_min=0.01, verbose=0)])
+    swa = SWA(cycle_unit="step", cycle_length=2, start_step=2, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa], verbose=0)
+    assert [step for _, step, _ in swa.captures] == [4, 6, 8]
+
+
+def test_export_at_the_end(tmp_path):
+    x, y = _data(7)
+    model = _bn_model()
+    path = str(tmp_path / "swa_model")
+    swa = SWA(start_epoch=1, bn_data=x, export_dir=path, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa], verbose=0)
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    out = list(serve(tf.constant(x[:8])).values())[0].numpy()
+    np.testing.assert_allclose(out, model(x[:8], training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_mode_through_the_callback():
+    x, y = _data(8)
+    model = _dense_model()
+    rec = Recorder()
+    swa = SWA(mode="ema", decay=0.5, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[swa, rec], verbose=0)
+    snaps = [snap for _, _, snap in rec.epochs]
+    expected = snaps[0]
+    for s in snaps[1:]:
+        expected = [0.5 * e + 0.5 * v for e, v in zip(expected, s)]
+    _assert_weights(model, expected)
+
+
+def test_optimizer_with_schedule_and_swa_lr_fails_before_training():
+    x, y = _data()
+    model = _dense_model()
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    with pytest.raises(TypeError, match="learning-rate schedule"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                  callbacks=[SWA(swa_lr=0.01, verbose=0)])
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_epoch_captures_do_not_override_batch_end_hook():
+    swa = SWA(start_epoch=3, swa_lr=0.1)
+    assert "on_train_batch_end" not in vars(swa)
+    assert type(swa).on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
+    assert "on_train_batch_end" in vars(SWA(cycle_unit="step"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"start_epoch": 1, "start_step": 1, "cycle_unit": "step"}, "start_step=1"),
+        ({"start_epoch": 1.5}, "start_epoch=1.5"),
+        ({"start_epoch": 0.0}, "start_epoch=0.0"),
+        ({"start_epoch": -1}, "start_epoch=-1"),
+        ({"start_step": -2, "cycle_unit": "step"}, "start_step=-2"),
+        ({"start_step": 3}, "cycle_unit='epoch'"),
+        ({"cycle_length": 0}, "cycle_length=0"),
+        ({"cycle_length": 1.5}, "cycle_length=1.5"),
+        ({"cycle_unit": "batch"}, "cycle_unit='batch'"),
+        ({"swa_lr": 0}, "swa_lr=0"),
+        ({"swa_lr": -0.1}, "swa_lr=-0.1"),
+        ({"swa_lr": 0.01, "swa_lr_min": 0.1}, "swa_lr_min=0.1"),
+        ({"swa_lr_min": 0.1}, "swa_lr=None"),
+        ({"bn_steps": 0}, "bn_steps=0"),
+        ({"mode": "avg"}, "mode='avg'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        SWA(**kwargs)
