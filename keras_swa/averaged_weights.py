@@ -57,11 +57,12 @@ class AveragedWeights(tf.Module):
 
     Example:
 
+    >>> import tensorflow as tf
     >>> from keras_swa.backend import keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> averaged = AveragedWeights(model)
     >>> averaged.update()             # first capture: a copy
-    >>> model.layers[0].kernel.assign(model.layers[0].kernel + 2.0)
+    >>> _ = model.layers[0].kernel.assign(model.layers[0].kernel + 2.0)
     >>> averaged.update()             # second capture: mean of the two
     >>> int(averaged.n_averaged)
     2
