@@ -1,0 +1,358 @@
+"""Recomputes BatchNormalization statistics for averaged weights (SWA's BN update).
+
+Stochastic Weight Averaging (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+Generalization", UAI 2018, arXiv 1803.05407) averages the weights SGD visits. The moving mean and
+variance a `BatchNormalization` layer collected during training belong to the individual SGD
+iterates, not to their average, so after the averaged weights are put into the model the
+statistics are recomputed with one forward pass over the training data in training mode
+(section 3.2 of the paper; torch's `torch.optim.swa_utils.update_bn`).
+
+`update_bn` follows torch's semantics: for every BN layer that training would update, the new
+moving mean (variance) is the cumulative average over the pass -- weighted by batch size -- of
+each batch's mean (biased variance), exactly as the layer computes them itself; not an
+exponential average. No gradients are computed and no optimizer step is taken.
+
+How it stays on public APIs: the layers themselves run the pass. During the pass each such
+layer's `momentum` is 0, so after every batch its moving statistics hold that batch's statistics
+(`moving = momentum * moving + (1 - momentum) * batch_stat`); a `tf.function` folds them into
+float64 running sums right after the forward pass, and the averages are written back once the
+whole pass has succeeded.
+"""
+
+import math
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from keras_swa import backend
+from keras_swa.backend import keras
+
+__all__ = ["update_bn"]
+
+_DEFAULT_BATCH_SIZE = 32
+
+
+def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
+    """Recomputes the moving statistics of a model's BatchNormalization layers.
+
+    Runs one forward pass over `data` in training mode (no gradients, no optimizer step) and sets
+    the `moving_mean` / `moving_variance` of every `BatchNormalization` layer that training would
+    update -- nested models and layers included -- to the cumulative average, weighted by batch
+    size, of the per-batch means and variances the layer itself folds into its moving statistics:
+    the biased variance over the layer's reduction axes (tf_keras' fused kernel, its default for
+    4D and 5D inputs, uses the Bessel-corrected batch variance, and so does `update_bn` there).
+    This is torch's `update_bn`; call it after putting averaged (SWA) weights into the model.
+
+    A layer is updated when it and every layer or model that encloses it are `trainable`; frozen
+    layers, BN layers inside frozen parents and BN layers the forward pass never calls keep their
+    statistics bit for bit (non-finite statistics of updated layers are reset to zero first).
+    Everything the function touches -- each layer's `momentum`, every other variable of the
+    model -- is restored afterwards, also when the pass fails; the new statistics are only written
+    if the whole pass succeeded. A BN layer called several times in one forward pass (a shared
+    layer) gets the statistics of its last call in each batch.
+
+    Args:
+        model: a built Keras model.
+        data: the inputs for the pass, usually the training inputs without augmentation: a
+            `tf.data.Dataset` of batches (elements `x`, `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)`), a `keras.utils.PyDataset` (`keras.utils.Sequence` in
+            tf_keras), a NumPy array or tensor, a list or dict of them (multi-input models), a
+            tuple `(x, y)` or `(x, y, sample_weight)` of them, or any iterable of batches. Only
+            `x` is used.
+        steps: maximal number of batches to use. Defaults to `None` (all of `data`; required
+            for infinite data).
+        batch_size: batch size for array/tensor `data`; not allowed with datasets, which are
+            already batched. Defaults to `None` (32).
+        verbose: `"auto"`, 0, 1 or 2. 1 shows a `keras.utils.Progbar` for the pass, 2 one line
+            at its end, 0 nothing. `"auto"` is 1 when the number of batches is known and above 1
+            and the output is interactive, else 0. Defaults to `"auto"`.
+
+    Returns:
+        The number of samples in the pass (an int); 0 when the model has no BN layer to update,
+        in which case `data` is not read.
+
+    Raises:
+        ValueError: if the model is not built, if `data` is empty, is not a supported type or
+            does not fit the model's inputs, or if an argument is invalid.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_swa.backend import keras
+    >>> model = keras.Sequential(
+    ...     [keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.9)])
+    >>> x = np.arange(12, dtype="float32").reshape(4, 3)
+    >>> update_bn(model, x, batch_size=2, verbose=0)
+    4
+    >>> bn = model.layers[-1]
+    >>> np.asarray(bn.moving_mean).tolist()  # mean of x
+    [4.5, 5.5, 6.5]
+    >>> np.asarray(bn.moving_variance).tolist()  # mean of the two batch variances
+    [2.25, 2.25, 2.25]
+    """
+    _check_arguments(steps, batch_size, verbose)
+    if not getattr(model, "built", False):
+        raise ValueError(
+            "`update_bn` needs a built model (its BatchNormalization layers create their "
+            "statistics when the model is built): call the model on data, give it a "
+            "`keras.Input`, or call `model.build(input_shape)` first. "
+            f"Received: model={model!r} (built=False)"
+        )
+    layers = _layers_to_update(model)
+    if not layers:
+        return 0
+
+    batches, num_batches = _batches(data, batch_size, steps)
+    if verbose == "auto":
+        verbose = 1 if num_batches is not None and num_batches > 1 and _interactive() else 0
+    progbar = keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
+
+    stats = [var for layer in layers for var in _statistics(layer)]
+    stat_ids = {id(var) for var in stats}
+    # Everything else a training-mode forward pass may write to (the statistics of BN layers
+    # that are not updated, seed-generator states, ...). Reads of resource variables are
+    # copy-on-write, so these backups cost no memory for variables the pass leaves alone.
+    others = [var for var in model.non_trainable_variables if id(var) not in stat_ids]
+    stat_backup = [tf.convert_to_tensor(var) for var in stats]
+    other_backup = [tf.convert_to_tensor(var) for var in others]
+    momenta = [layer.momentum for layer in layers]
+
+    # Traced once per call (twice with an uneven last batch); `reduce_retracing` keeps inputs
+    # whose shapes vary from batch to batch from retracing every batch.
+    step = tf.function(_ForwardPass(model, stats), reduce_retracing=True)
+
+    succeeded = False
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        for var, value in zip(stats, stat_backup):
+            # `0 * inf` is nan: non-finite statistics would poison every batch.
+            if not bool(tf.reduce_all(tf.math.is_finite(value))):
+                var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
+        sums = [tf.zeros(var.shape, tf.float64) for var in stats]
+        seen = 0
+        num_steps = 0
+        for x in batches:
+            n = _batch_size_of(x, data)
+            if n == 0:
+                continue
+            try:
+                sums = step(x, tf.constant(n, tf.float64), sums)
+            except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
+                raise ValueError(
+                    f"`update_bn` could not run the model on a batch of `data` (batch "
+                    f"{num_steps + 1}, inputs {_describe(x)}); the data must match the model's "
+                    "inputs and come in batches (a tf.data.Dataset must be batched). "
+                    f"Received: data={_describe(data)}. Original error: {e}"
+                ) from e
+            seen += n
+            num_steps += 1
+            if progbar is not None:
+                progbar.update(num_steps)
+        if seen == 0:
+            raise ValueError(
+                "`update_bn` received no data: `data` yielded no samples, so the BatchNorm "
+                f"statistics cannot be recomputed. Received: data={_describe(data)}"
+                + (f", steps={steps}" if steps is not None else "")
+            )
+        averages = [tf.cast(total / seen, var.dtype) for total, var in zip(sums, stats)]
+        succeeded = True
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        for var, value in zip(others, other_backup):
+            var.assign(value)
+        if succeeded:
+            for var, value in zip(stats, averages):
+                var.assign(value)
+        else:
+            for var, value in zip(stats, stat_backup):
+                var.assign(value)
+    return seen
+
+
+class _ForwardPass:
+    """One training-mode forward pass; adds `batch_weight` times the batch's statistics to `sums`.
+
+    A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
+    every `update_bn` call apart and does not warn about retracing when it is called repeatedly.
+    """
+
+    def __init__(self, model, statistics):
+        self.model = model
+        self.statistics = statistics
+
+    def __call__(self, x, batch_weight, sums):
+        self.model(x, training=True)
+        # Automatic control dependencies order these reads after the layers' own assignments.
+        return [
+            total + batch_weight * tf.cast(tf.convert_to_tensor(var), tf.float64)
+            for total, var in zip(sums, self.statistics)
+        ]
+
+
+def _check_arguments(steps, batch_size, verbose):
+    if steps is not None and not (_is_int(steps) and steps > 0):
+        raise ValueError(f"`steps` must be a positive integer or None. Received: steps={steps!r}")
+    if batch_size is not None and not (_is_int(batch_size) and batch_size > 0):
+        raise ValueError(
+            f"`batch_size` must be a positive integer or None. Received: batch_size={batch_size!r}"
+        )
+    if not (verbose == "auto" or (_is_int(verbose) and verbose in (0, 1, 2))):
+        raise ValueError(f'`verbose` must be "auto", 0, 1 or 2. Received: verbose={verbose!r}')
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _layers_to_update(model):
+    """The built BN layers that training would update: trainable, inside trainable parents."""
+    frozen = set()
+    for layer in backend.iter_layers(model):  # parents come before their children
+        if id(layer) not in frozen and not layer.trainable:
+            frozen.update(id(sub) for sub in backend.iter_layers(layer))
+    return [
+        layer
+        for layer in backend.batch_norm_layers(model)
+        if id(layer) not in frozen and layer.built and layer.moving_mean is not None
+    ]
+
+
+def _statistics(layer):
+    """The variables a BN layer's `momentum` governs (renorm layers also keep a moving stddev)."""
+    variables = [layer.moving_mean, layer.moving_variance]
+    if getattr(layer, "renorm", False) and getattr(layer, "moving_stddev", None) is not None:
+        variables.append(layer.moving_stddev)
+    return variables
+
+
+def _sequence_types():
+    names = ("PyDataset", "Sequence")
+    return tuple(getattr(keras.utils, name) for name in names if hasattr(keras.utils, name))
+
+
+def _batches(data, batch_size, steps):
+    """Returns `(iterable of input batches x, number of batches or None)`."""
+    if isinstance(data, tf.data.Dataset):
+        _no_batch_size(data, batch_size)
+        cardinality = int(data.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
+            raise ValueError(
+                "`data` is an infinite dataset: pass `steps`, the number of batches to use. "
+                f"Received: data={_describe(data)}, steps=None"
+            )
+        if steps is not None:
+            data = data.take(steps)
+        num = int(data.cardinality())
+        return (_unpack_x(element) for element in data), (num if num >= 0 else None)
+
+    if isinstance(data, _sequence_types()):
+        _no_batch_size(data, batch_size)
+        num = data.num_batches if hasattr(data, "num_batches") else len(data)
+        if num is None and steps is None:
+            raise ValueError(
+                "`data` is an infinite PyDataset: pass `steps`, the number of batches to use. "
+                f"Received: data={_describe(data)}, steps=None"
+            )
+        num = steps if num is None else (num if steps is None else min(num, steps))
+        return (_unpack_x(data[i]) for i in range(num)), num
+
+    x = _unpack_x(data) if isinstance(data, tuple) else data
+    leaves = tf.nest.flatten(x)
+    if leaves and all(isinstance(leaf, (np.ndarray, tf.Tensor)) for leaf in leaves):
+        return _array_batches(x, data, batch_size or _DEFAULT_BATCH_SIZE, steps)
+
+    _no_batch_size(data, batch_size)
+    if isinstance(data, (str, bytes, dict, list, tuple)) or not hasattr(data, "__iter__"):
+        raise ValueError(
+            "`update_bn` accepts a tf.data.Dataset, a keras.utils.PyDataset, NumPy arrays or "
+            "tensors (also in a list, dict or (x, y) tuple) or an iterable of batches. "
+            f"Received: data={_describe(data)}"
+        )
+    iterator = (_unpack_x(element) for element in data)
+    if steps is not None:
+        iterator = (x for _, x in zip(range(steps), iterator))
+    return iterator, steps
+
+
+def _array_batches(x, data, batch_size, steps):
+    leaves = tf.nest.flatten(x)
+    sizes = {int(leaf.shape[0]) if len(leaf.shape) else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "All input arrays must have the same number of samples (first dimension). "
+            f"Received: data={_describe(data)}"
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError(
+            "`update_bn` received no data: the input arrays hold 0 samples. "
+            f"Received: data={_describe(data)}"
+        )
+    num = math.ceil(size / batch_size)
+    if steps is not None:
+        num = min(num, steps)
+
+    def generate():
+        for i in range(num):
+            start, stop = i * batch_size, min((i + 1) * batch_size, size)
+            yield tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[start:stop]), x)
+
+    return generate(), num
+
+
+def _no_batch_size(data, batch_size):
+    if batch_size is not None:
+        raise ValueError(
+            "`batch_size` is only for array or tensor `data`; datasets are already batched. "
+            f"Received: batch_size={batch_size!r}, data={_describe(data)}"
+        )
+
+
+def _unpack_x(element):
+    """`x` from `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, as Keras' `fit` reads data."""
+    if isinstance(element, tuple):
+        if not 1 <= len(element) <= 3:
+            raise ValueError(
+                "Data elements must be `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`. "
+                f"Received: a tuple of {len(element)} items: {_describe(element)}"
+            )
+        return element[0]
+    return element
+
+
+def _batch_size_of(x, data):
+    leaves = tf.nest.flatten(x)
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+    raise ValueError(
+        "Each batch of `data` must hold at least one tensor with a batch dimension. "
+        f"Received: a batch {_describe(x)} from data={_describe(data)}"
+    )
+
+
+def _describe(data):
+    """A short description of `data` for error messages (shapes, not values)."""
+    if isinstance(data, tf.data.Dataset):
+        return f"<{type(data).__name__} element_spec={data.element_spec}>"
+    if isinstance(data, _sequence_types()):
+        return f"<{type(data).__name__}>"
+
+    def leaf(value):
+        if isinstance(value, (np.ndarray, tf.Tensor)):
+            return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype.name})"
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    try:
+        return str(tf.nest.map_structure(leaf, data))
+    except (TypeError, ValueError):
+        return leaf(data)
+
+
+def _interactive():
+    return bool(getattr(sys.stdout, "isatty", lambda: False)()) or "ipykernel" in sys.modules
