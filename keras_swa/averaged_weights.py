@@ -14,7 +14,7 @@ import contextlib
 
 import tensorflow as tf
 
-from keras_swa import averaging
+from keras_swa import averaging, backend
 from keras_swa.backend import keras
 
 __all__ = ["AveragedWeights"]
@@ -102,7 +102,7 @@ class AveragedWeights(tf.Module):
 
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
         self._source = _Untracked(variables)
-        self._strategy = tf.distribute.get_strategy()
+        self._strategy = self._find_strategy(model_or_variables)
         with self._strategy.scope():
             self.averages = [
                 tf.Variable(
@@ -121,11 +121,13 @@ class AveragedWeights(tf.Module):
                 synchronization=tf.VariableSynchronization.ON_WRITE,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        # Compiled once per instance; it captures the variables, so it never retraces.
-        def update_all():
-            self._update_all()
-
-        self._update_fn = tf.function(update_all, jit_compile=True, autograph=False)
+        # Variables are passed as arguments (traced once per device, never per call), so the
+        # same compiled function serves every replica's local copies under a strategy.
+        self._tf_variables = _Untracked(backend.tf_variable(v) for v in variables)
+        self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
+        self._update_fn = tf.function(
+            self._make_update(mode, decay), jit_compile=True, autograph=False
+        )
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -167,6 +169,16 @@ class AveragedWeights(tf.Module):
                 )
         return variables
 
+    @staticmethod
+    def _find_strategy(model_or_variables):
+        """The strategy in scope, else the one the model was built under, else the default."""
+        if tf.distribute.has_strategy():
+            return tf.distribute.get_strategy()
+        strategy = getattr(model_or_variables, "distribute_strategy", None)
+        if isinstance(strategy, tf.distribute.Strategy):
+            return strategy
+        return tf.distribute.get_strategy()
+
     # ------------------------------------------------------------------ properties
 
     @property
@@ -186,15 +198,34 @@ class AveragedWeights(tf.Module):
 
     # ------------------------------------------------------------------ the update
 
-    def _update_all(self):
-        n = self.n_averaged.read_value()
-        for average, variable in zip(self.averages, self._source.variables):
-            if self._mode == "swa":
-                new = averaging.swa_update(average, variable, n)
-            else:
-                new = averaging.ema_update(average, variable, self._decay, n)
-            average.assign(new)
-        self.n_averaged.assign_add(1)
+    @staticmethod
+    def _make_update(mode, decay):
+        def update_all(averages, variables, n_averaged):
+            n = n_averaged.read_value()
+            for average, variable in zip(averages, variables):
+                if mode == "swa":
+                    new = averaging.swa_update(average, variable, n)
+                else:
+                    new = averaging.ema_update(average, variable, decay, n)
+                average.assign(new)
+            n_averaged.assign_add(1)
+
+        return update_all
+
+    def _update_on_each_device(self, strategy=None):
+        # `extended.update` calls the function once per device with that device's local
+        # copies of the averages, the weights and the count: no cross-device traffic.
+        strategy = strategy or self._strategy
+
+        def local_update(n_averaged, averages, variables):
+            self._update_fn(list(averages), list(variables), n_averaged)
+
+        strategy.extended.update(
+            self.n_averaged,
+            local_update,
+            args=(list(self.averages), list(self._tf_variables.variables)),
+            group=True,
+        )
 
     def update(self):
         """Folds the current weights into every average (one compiled call) and counts it.
@@ -203,10 +234,18 @@ class AveragedWeights(tf.Module):
         `tf.function`. Under a `tf.distribute` strategy it runs per replica, where every replica
         holds identical (mirrored) weights.
         """
-        if tf.distribute.in_cross_replica_context() and self._strategy.num_replicas_in_sync > 1:
-            self._strategy.run(self._update_fn)
+        if not self._distributed:
+            self._update_fn(
+                list(self.averages), list(self._tf_variables.variables), self.n_averaged
+            )
+        elif tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            # Inside `strategy.run`: step out to the cross-replica context once.
+            tf.distribute.get_replica_context().merge_call(self._update_on_each_device)
+        elif tf.distribute.has_strategy():
+            self._update_on_each_device()
         else:
-            self._update_fn()
+            with self._strategy.scope():
+                self._update_on_each_device()
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""

@@ -18,6 +18,7 @@ __all__ = [
     "iter_layers",
     "set_learning_rate",
     "steps_per_execution",
+    "tf_variable",
 ]
 
 if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
@@ -95,3 +96,10 @@ def steps_per_execution(model):
     if value is None:
         return 1
     return int(tf.convert_to_tensor(value))
+
+
+def tf_variable(variable):
+    """The `tf.Variable` behind a Keras variable (Keras 3 wraps one; tf_keras uses it directly)."""
+    if IS_KERAS_3 and isinstance(variable, keras.Variable):
+        return variable.value
+    return variable

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_swa.averaged_weights import AveragedWeights
-from keras_swa.backend import keras
+from keras_swa.backend import keras, tf_variable
 
 
 def _model():
@@ -59,7 +59,11 @@ def test_update_is_one_compiled_call_that_never_retraces():
         averaged.update()
     assert averaged._update_fn.experimental_get_tracing_count() == 1
     # The update is XLA-compiled: the compiler IR exists and updates every average.
-    hlo = averaged._update_fn.experimental_get_compiler_ir()(stage="hlo")
+    hlo = averaged._update_fn.experimental_get_compiler_ir(
+        list(averaged.averages),
+        [tf_variable(v) for v in averaged.tracked_variables],
+        averaged.n_averaged,
+    )(stage="hlo")
     assert "HloModule" in hlo
 
 
