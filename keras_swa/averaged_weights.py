@@ -11,6 +11,7 @@ UAI 2018, arXiv 1803.05407.
 """
 
 import contextlib
+import warnings
 
 import tensorflow as tf
 
@@ -20,6 +21,7 @@ from keras_swa.backend import keras
 __all__ = ["AveragedWeights"]
 
 _MODES = ("swa", "ema")
+_NONFINITE = ("raise", "skip", "ignore")
 
 
 class _Untracked:
@@ -31,6 +33,15 @@ class _Untracked:
 
 def _as_tf_variable_dtype(variable):
     return tf.as_dtype(getattr(variable, "dtype", tf.float32))
+
+
+def _finite_flags(variables):
+    """One bool per variable: are all its values finite? (One compiled read of the weights.)"""
+    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+
+
+def _variable_name(variable):
+    return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
 
 
 class AveragedWeights(tf.Module):
@@ -53,6 +64,11 @@ class AveragedWeights(tf.Module):
         decay: the EMA decay in [0, 1); required for `mode="ema"`, not allowed otherwise.
         include_non_trainable: also average the non-trainable variables of a model.
             Defaults to `False`.
+        nonfinite: what `update()` does when a weight is NaN or infinite (training diverged):
+            `"raise"` a `FloatingPointError` naming the first bad variable, `"skip"` the capture
+            (not counted, with a warning), or `"ignore"` the check (saves one read of the
+            weights per update). The averages are never poisoned unless `"ignore"`.
+            Defaults to `"raise"`.
         name: name of the module. Defaults to `"averaged_weights"`.
 
     Example:
@@ -77,6 +93,7 @@ class AveragedWeights(tf.Module):
         mode="swa",
         decay=None,
         include_non_trainable=False,
+        nonfinite="raise",
         name="averaged_weights",
     ):
         super().__init__(name=name)
@@ -96,6 +113,11 @@ class AveragedWeights(tf.Module):
                 "`decay` is only used with `mode='ema'`; equal-weight SWA has no decay. "
                 f"Received: mode={mode!r}, decay={decay!r}"
             )
+        if nonfinite not in _NONFINITE:
+            raise ValueError(
+                f"`nonfinite` must be one of {_NONFINITE}. Received: nonfinite={nonfinite!r}"
+            )
+        self._nonfinite = nonfinite
         self._mode = mode
         self._decay = decay
         self._include_non_trainable = bool(include_non_trainable)
@@ -128,6 +150,7 @@ class AveragedWeights(tf.Module):
         self._update_fn = tf.function(
             self._make_update(mode, decay), jit_compile=True, autograph=False
         )
+        self._finite_fn = tf.function(_finite_flags, jit_compile=True, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -231,9 +254,48 @@ class AveragedWeights(tf.Module):
         """Folds the current weights into every average (one compiled call) and counts it.
 
         Call it from a custom training loop whenever a capture is due, outside or inside a
-        `tf.function`. Under a `tf.distribute` strategy it runs per replica, where every replica
-        holds identical (mirrored) weights.
+        `tf.function`. Under a `tf.distribute` strategy it runs once per device on that device's
+        copies (every replica holds identical, mirrored weights).
+
+        Returns:
+            `True` if the weights were folded in; `False` if a non-finite capture was skipped
+            (`nonfinite="skip"`). Inside a `tf.function` the check runs in the graph and the
+            result is `None`.
+
+        Raises:
+            FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
+                averages and `n_averaged` are left untouched.
         """
+        if self._nonfinite != "ignore":
+            if tf.executing_eagerly():
+                flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
+                if not flags.all():
+                    bad = self._source.variables[int((~flags).argmax())]
+                    message = (
+                        f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of "
+                        f"{len(flags)} variables, first {_variable_name(bad)!r}: this capture "
+                        f"would poison the average (n_averaged={int(self.n_averaged.numpy())} "
+                        "kept as it is)."
+                    )
+                    if self._nonfinite == "raise":
+                        raise FloatingPointError(message)
+                    warnings.warn(message + " The capture is skipped.", stacklevel=2)
+                    return False
+            else:
+                finite = tf.reduce_all(self._finite_fn(list(self._tf_variables.variables)))
+                if self._nonfinite == "raise":
+                    with tf.control_dependencies(
+                        [tf.debugging.Assert(finite, ["Non-finite weights: capture refused."])]
+                    ):
+                        self._apply_update()
+                else:
+                    tf.cond(finite, lambda: self._apply_update() or tf.constant(True),
+                            lambda: tf.constant(False))
+                return None
+        self._apply_update()
+        return True if tf.executing_eagerly() else None
+
+    def _apply_update(self):
         if not self._distributed:
             self._update_fn(
                 list(self.averages), list(self._tf_variables.variables), self.n_averaged

@@ -81,6 +81,9 @@ class SWA(keras.callbacks.Callback):
             `decay`, captured on the same cycle ends). Defaults to `"swa"`.
         decay: EMA decay, for `mode="ema"` only.
         include_non_trainable: average the non-trainable variables too. Defaults to `False`.
+        nonfinite: a capture with NaN/Inf weights (training diverged) `"raise"`s an error that
+            names the epoch or step and the first bad variable, or is `"skip"`ped with a
+            warning (not counted). The average is never poisoned. Defaults to `"raise"`.
         verbose: 1 prints a line at each capture and at the end; 0 is silent. Defaults to 1.
 
     Example:
@@ -108,6 +111,7 @@ class SWA(keras.callbacks.Callback):
         mode="swa",
         decay=None,
         include_non_trainable=False,
+        nonfinite="raise",
         verbose=1,
     ):
         super().__init__()
@@ -179,6 +183,10 @@ class SWA(keras.callbacks.Callback):
         # Checked here so that a bad mode/decay fails before training, not at train begin.
         if mode not in ("swa", "ema"):
             raise ValueError(f"`mode` must be 'swa' or 'ema'. Received: mode={mode!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(
+                f"`nonfinite` must be 'raise' or 'skip'. Received: nonfinite={nonfinite!r}"
+            )
 
         self.start_epoch = start_epoch
         self.start_step = start_step
@@ -194,6 +202,7 @@ class SWA(keras.callbacks.Callback):
         self.mode = mode
         self.decay = decay
         self.include_non_trainable = include_non_trainable
+        self.nonfinite = nonfinite
         self.verbose = int(verbose)
 
         self.averaged = None
@@ -310,6 +319,7 @@ class SWA(keras.callbacks.Callback):
                 mode=self.mode,
                 decay=self.decay,
                 include_non_trainable=self.include_non_trainable,
+                nonfinite=self.nonfinite,
                 name="swa",
             )
 
@@ -390,11 +400,16 @@ class SWA(keras.callbacks.Callback):
         self._capture(None)
 
     def _capture(self, epoch):
-        self.averaged.update()
-        lr = backend.get_learning_rate(self.model.optimizer)
         step = self._iterations()
-        self.captures.append((epoch, step, lr))
         where = f"epoch {epoch + 1}" if epoch is not None else f"step {step}"
+        try:
+            captured = self.averaged.update()
+        except FloatingPointError as e:
+            raise FloatingPointError(f"SWA capture at {where} (optimizer step {step}): {e}") from e
+        if not captured:
+            return
+        lr = backend.get_learning_rate(self.model.optimizer)
+        self.captures.append((epoch, step, lr))
         self._log(
             f"SWA: captured weights at {where} "
             f"(n_averaged={int(self.averaged.n_averaged.numpy())}, learning_rate={lr:.6g})."

@@ -273,3 +273,62 @@ def test_writing_before_any_capture_raises():
     with pytest.raises(ValueError, match="n_averaged=0"):
         with averaged.swap():
             pass
+
+
+def _diverged_model():
+    model = _model()
+    averaged_raise = AveragedWeights(model)
+    averaged_skip = AveragedWeights(model, nonfinite="skip")
+    averaged_raise.update()
+    averaged_skip.update()
+    kernel = model.layers[-1].kernel
+    good = [a.numpy().copy() for a in averaged_raise.averages]
+    value = kernel.numpy()
+    value[0, 0] = np.nan
+    kernel.assign(value)
+    return model, averaged_raise, averaged_skip, good
+
+
+def test_nonfinite_capture_raises_naming_the_variable_and_keeps_the_average():
+    model, averaged, _, good = _diverged_model()
+    with pytest.raises(FloatingPointError, match="kernel"):
+        averaged.update()
+    assert int(averaged.n_averaged.numpy()) == 1
+    for g, a in zip(good, averaged.averages):
+        np.testing.assert_array_equal(g, a.numpy())
+
+
+def test_nonfinite_capture_skipped_with_warning():
+    model, _, averaged, good = _diverged_model()
+    with pytest.warns(UserWarning, match="capture is skipped"):
+        assert averaged.update() is False
+    assert int(averaged.n_averaged.numpy()) == 1
+    for g, a in zip(good, averaged.averages):
+        np.testing.assert_array_equal(g, a.numpy())
+    assert np.isfinite(averaged.averages[-2].numpy()).all()
+
+
+def test_nonfinite_skip_inside_tf_function():
+    model, _, averaged, good = _diverged_model()
+
+    @tf.function
+    def capture():
+        averaged.update()
+
+    capture()
+    assert int(averaged.n_averaged.numpy()) == 1
+    for g, a in zip(good, averaged.averages):
+        np.testing.assert_array_equal(g, a.numpy())
+
+
+def test_nonfinite_ignore_folds_it_in():
+    model = _model()
+    averaged = AveragedWeights(model, nonfinite="ignore")
+    model.layers[-1].kernel.assign(np.full(model.layers[-1].kernel.shape, np.inf, "float32"))
+    averaged.update()
+    assert not np.isfinite(averaged.averages[-2].numpy()).all()
+
+
+def test_bad_nonfinite_policy():
+    with pytest.raises(ValueError, match="nonfinite='warn'"):
+        AveragedWeights(_model(), nonfinite="warn")

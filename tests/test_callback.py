@@ -289,8 +289,43 @@ def test_epoch_captures_do_not_override_batch_end_hook():
         ({"swa_lr_min": 0.1}, "swa_lr=None"),
         ({"bn_steps": 0}, "bn_steps=0"),
         ({"mode": "avg"}, "mode='avg'"),
+        ({"nonfinite": "warn"}, "nonfinite='warn'"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SWA(**kwargs)
+
+
+class _Diverge(keras.callbacks.Callback):
+    """Puts a NaN into the last kernel at the end of epoch `at` (before SWA's capture runs)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            kernel = self.model.trainable_variables[-2]
+            value = kernel.numpy()
+            value[0, 0] = np.nan
+            kernel.assign(value)
+
+
+def test_nonfinite_capture_raises_with_epoch_and_variable():
+    x, y = _data(9)
+    model = _dense_model(lr=0.0)
+    swa = SWA(verbose=0)
+    with pytest.raises(FloatingPointError, match=r"epoch 2 .*kernel"):
+        model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[_Diverge(1), swa], verbose=0)
+    assert int(swa.averaged.n_averaged.numpy()) == 1
+    assert all(np.isfinite(a.numpy()).all() for a in swa.averaged.averages)
+
+
+def test_nonfinite_capture_skipped():
+    x, y = _data(9)
+    model = _dense_model(lr=0.0)
+    swa = SWA(nonfinite="skip", verbose=0)
+    with pytest.warns(UserWarning, match="skipped"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[_Diverge(0), swa], verbose=0)
+    assert int(swa.averaged.n_averaged.numpy()) == 0
