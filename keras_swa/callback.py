@@ -12,11 +12,13 @@ UAI 2018, arXiv 1803.05407.
 """
 
 import numbers
+import os
 import warnings
 
 from keras_swa import backend
 from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
+from keras_swa.backup import StateBackup
 from keras_swa.batch_norm import update_bn
 from keras_swa.export import export_saved_model
 from keras_swa.schedules import Cyclic
@@ -84,6 +86,14 @@ class SWA(keras.callbacks.Callback):
         nonfinite: a capture with NaN/Inf weights (training diverged) `"raise"`s an error that
             names the epoch or step and the first bad variable, or is `"skip"`ped with a
             warning (not counted). The average is never poisoned. Defaults to `"raise"`.
+        backup_dir: a directory for SWA's own crash-safe state (averages, count, captures).
+            Use it with `keras.callbacks.BackupAndRestore`: pass the same directory and the
+            same frequency, and put `SWA` BEFORE `BackupAndRestore` in the callbacks list. A
+            run killed at any point and restarted with the same command then ends with the
+            same captures and averages as an uninterrupted one. Defaults to `None` (no state
+            saved).
+        backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
+            `save_freq`. Defaults to `"epoch"`.
         verbose: 1 prints a line at each capture and at the end; 0 is silent. Defaults to 1.
 
     Example:
@@ -112,6 +122,8 @@ class SWA(keras.callbacks.Callback):
         decay=None,
         include_non_trainable=False,
         nonfinite="raise",
+        backup_dir=None,
+        backup_freq="epoch",
         verbose=1,
     ):
         super().__init__()
@@ -178,6 +190,15 @@ class SWA(keras.callbacks.Callback):
             export_dir, "__fspath__"
         ):
             raise TypeError(f"`export_dir` must be a path. Received: export_dir={export_dir!r}")
+        if backup_freq != "epoch" and not (_is_int(backup_freq) and backup_freq >= 1):
+            raise ValueError(
+                "`backup_freq` must be 'epoch' or a positive int number of steps. "
+                f"Received: backup_freq={backup_freq!r}"
+            )
+        if backup_dir is not None and not isinstance(backup_dir, (str, bytes)) and not hasattr(
+            backup_dir, "__fspath__"
+        ):
+            raise TypeError(f"`backup_dir` must be a path. Received: backup_dir={backup_dir!r}")
         if verbose not in (0, 1, 2, True, False):
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         # Checked here so that a bad mode/decay fails before training, not at train begin.
@@ -203,6 +224,11 @@ class SWA(keras.callbacks.Callback):
         self.decay = decay
         self.include_non_trainable = include_non_trainable
         self.nonfinite = nonfinite
+        self.backup_dir = backup_dir
+        self.backup_freq = backup_freq
+        self._backup = None
+        self._restored = False
+        self._resumed = False
         self.verbose = int(verbose)
 
         self.averaged = None
@@ -213,8 +239,8 @@ class SWA(keras.callbacks.Callback):
 
         # Batch hooks are bound per instance, only when needed: a callback that overrides
         # `on_train_batch_end` turns off Keras' asynchronous dispatch for the whole fit.
-        if cycle_unit == "step":
-            self.on_train_batch_end = self._capture_on_step_cycle
+        if cycle_unit == "step" or (backup_dir is not None and backup_freq != "epoch"):
+            self.on_train_batch_end = self._on_step_end
         if cycle_unit == "step" or swa_lr_min is not None:
             self.on_train_batch_begin = self._set_learning_rate_for_step
 
@@ -239,6 +265,46 @@ class SWA(keras.callbacks.Callback):
     def _log(self, message):
         if self.verbose:
             print(message)
+
+    # ------------------------------------------------------------------ crash-safe state
+
+    def _state(self):
+        return {
+            "start_epoch": self._start_epoch,
+            "start_iteration": self._start_iteration,
+            "last_swa_step": self._last_swa_step,
+            "captures": [list(c) for c in self.captures],
+        }
+
+    def _maybe_restore(self):
+        """After BackupAndRestore has restored the model: load the SWA state of that step."""
+        if self._backup is None or self._restored:
+            return
+        self._restored = True
+        step = self._iterations()
+        if step == 0:
+            return  # a fresh run
+        state = self._backup.restore(step)
+        self._start_epoch = state["start_epoch"]
+        self._start_iteration = state["start_iteration"]
+        self._last_swa_step = state["last_swa_step"]
+        self.captures = [tuple(c) for c in state["captures"]]
+        self._resumed = True
+        self._log(
+            f"SWA: resumed at optimizer step {step} with "
+            f"n_averaged={int(self.averaged.n_averaged.numpy())}."
+        )
+
+    def _save_state(self):
+        if self._backup is not None:
+            self._backup.save(self._iterations(), self._state())
+
+    def _on_step_end(self, batch, logs=None):
+        if self.cycle_unit == "step":
+            self._capture_on_step_cycle(batch, logs)
+        if self.backup_freq != "epoch" and self._backup is not None:
+            if self._iterations() % self.backup_freq == 0:
+                self._save_state()
 
     # ------------------------------------------------------------------ train begin / end
 
@@ -276,6 +342,8 @@ class SWA(keras.callbacks.Callback):
                 f"for the averaged weights ({names}): pass `bn_data` (e.g. the training "
                 "inputs) to keras_swa.SWA. Received: bn_data=None"
             )
+        if bn_layers:
+            self._check_bn_data(model)
         if self.swa_lr is not None:
             # Fails here, before any training, if the learning rate cannot be set.
             backend.set_learning_rate(model.optimizer, backend.get_learning_rate(model.optimizer))
@@ -322,8 +390,61 @@ class SWA(keras.callbacks.Callback):
                 nonfinite=self.nonfinite,
                 name="swa",
             )
+        if self.backup_dir is not None and self._backup is None:
+            self._backup = StateBackup(self.backup_dir, self.averaged)
+        self._restored = False
+        self._check_export_dir()
+
+    def _check_bn_data(self, model):
+        """Cheap checks of array `bn_data` before training (datasets are checked by the pass)."""
+        data = self.bn_data
+        shape = getattr(data, "shape", None)
+        if shape is None:
+            return
+        shape = tuple(shape)
+        if not shape or shape[0] == 0:
+            raise ValueError(
+                "`bn_data` is empty: the BatchNorm statistics cannot be recomputed from it. "
+                f"Received: bn_data with shape={shape}"
+            )
+        inputs = getattr(model, "inputs", None) or []
+        if len(inputs) == 1:
+            expected = tuple(inputs[0].shape)[1:]
+            if len(expected) != len(shape) - 1 or any(
+                e is not None and e != s for e, s in zip(expected, shape[1:])
+            ):
+                raise ValueError(
+                    f"`bn_data` does not fit the model input of shape {(None,) + expected}. "
+                    f"Received: bn_data with shape={shape}"
+                )
+
+    def _check_export_dir(self):
+        """Fails before training, not after it, if the export could not be written."""
+        if self.export_dir is None:
+            return
+        path = os.fspath(self.export_dir)
+        if os.path.isfile(path):
+            raise FileExistsError(
+                "`export_dir` is an existing file, not a directory for the SavedModel. "
+                f"Received: export_dir={path!r}"
+            )
+        resumable = self._backup is not None and self._backup.steps()
+        if os.path.isdir(path) and not self.overwrite_export and not resumable:
+            raise FileExistsError(
+                "`export_dir` already exists; pass `overwrite_export=True` to replace it. "
+                f"Received: export_dir={path!r}"
+            )
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(
+                f"Cannot write the SavedModel: {parent!r} is not writable. "
+                f"Received: export_dir={path!r}"
+            )
 
     def on_train_end(self, logs=None):
+        self._maybe_restore()  # a run resumed after its last epoch trains no epoch at all
         n = int(self.averaged.n_averaged.numpy()) if self.averaged is not None else 0
         if n == 0:
             warnings.warn(
@@ -345,12 +466,19 @@ class SWA(keras.callbacks.Callback):
             )
             self._log(f"SWA: BatchNorm statistics recomputed over {seen} samples.")
         if self.export_dir is not None:
-            path = export_saved_model(self.model, self.export_dir, overwrite=self.overwrite_export)
+            # A resumed job may have exported before it was killed: that model is its own.
+            overwrite = self.overwrite_export or (
+                self._resumed and os.path.isdir(os.fspath(self.export_dir))
+            )
+            path = export_saved_model(self.model, self.export_dir, overwrite=overwrite)
             self._log(f"SWA: SavedModel written to {path}.")
+        if self._backup is not None:
+            self._backup.delete()
 
     # ------------------------------------------------------------------ epochs
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._maybe_restore()
         if self._start_epoch is not None and epoch == self._start_epoch:
             self._start_iteration = self._iterations()
         if self._in_swa_phase() and self.swa_lr is not None and self.swa_lr_min is None:
@@ -364,6 +492,8 @@ class SWA(keras.callbacks.Callback):
             and (epoch - self._start_epoch + 1) % self.cycle_length == 0
         ):
             self._capture(epoch)
+        if self.backup_freq == "epoch":
+            self._save_state()
         if logs is not None:
             logs["learning_rate"] = backend.get_learning_rate(self.model.optimizer)
             logs["swa_n"] = int(self.averaged.n_averaged.numpy())

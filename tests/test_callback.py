@@ -290,6 +290,7 @@ def test_epoch_captures_do_not_override_batch_end_hook():
         ({"bn_steps": 0}, "bn_steps=0"),
         ({"mode": "avg"}, "mode='avg'"),
         ({"nonfinite": "warn"}, "nonfinite='warn'"),
+        ({"backup_freq": 0}, "backup_freq=0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -329,3 +330,37 @@ def test_nonfinite_capture_skipped():
     with pytest.warns(UserWarning, match="skipped"):
         model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[_Diverge(0), swa], verbose=0)
     assert int(swa.averaged.n_averaged.numpy()) == 0
+
+
+def test_unusable_export_dir_fails_before_training(tmp_path):
+    x, y = _data()
+    model = _dense_model()
+    before = [v.numpy().copy() for v in model.variables]
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(FileExistsError, match="export_dir="):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[SWA(export_dir=str(a_file), verbose=0)])
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "saved_model.pb").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite_export=True"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[SWA(export_dir=str(existing), verbose=0)])
+    assert a_file.read_text() == "keep me"
+    assert (existing / "saved_model.pb").read_text() == "old"
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_bad_bn_data_fails_before_training():
+    x, y = _data()
+    model = _bn_model()
+    before = [v.numpy().copy() for v in model.variables]
+    for bad, message in [
+        (np.zeros((0, 5), "float32"), r"empty.*shape=\(0, 5\)"),
+        (np.zeros((8, 7), "float32"), r"shape=\(8, 7\)"),
+    ]:
+        swa = SWA(start_epoch=0, bn_data=bad, verbose=0)
+        with pytest.raises(ValueError, match=message):
+            model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[swa], verbose=0)
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, v.numpy())

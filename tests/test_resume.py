@@ -1,0 +1,50 @@
+"""Crash and resume: a SWA job SIGKILLed at several points and restarted ends like an uninterrupted one."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_swa.backend import IS_KERAS_3
+
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jobs", "resume_job.py")
+
+
+def _run(work, *extra):
+    args = [sys.executable, JOB, str(work)] + list(extra)
+    if not IS_KERAS_3:
+        args.append("--legacy")
+    return subprocess.run(args, capture_output=True, text=True, timeout=240)
+
+
+def _result(work):
+    with np.load(os.path.join(work, "result.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    work = tmp_path_factory.mktemp("uninterrupted")
+    done = _run(work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _result(work)
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "after_capture", "bn_pass", "export"])
+def test_killed_and_restarted_run_matches_uninterrupted(where, reference, tmp_path):
+    killed = _run(tmp_path, "--kill", where)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    assert not os.path.exists(tmp_path / "result.npz")
+    resumed = _run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(tmp_path)
+    assert int(result["n"]) == int(reference["n"]) == 4
+    np.testing.assert_array_equal(result["captures"], reference["captures"])
+    weights = sorted(k for k in reference if k.startswith("arr_"))
+    for k in weights:
+        np.testing.assert_allclose(result[k], reference[k], rtol=1e-6, atol=1e-6)
+    # The job finished cleanly: the SavedModel is complete and SWA's backup is gone.
+    assert os.path.exists(tmp_path / "model" / "saved_model.pb")
+    assert not os.path.exists(tmp_path / "backup" / "keras_swa")
