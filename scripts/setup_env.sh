@@ -40,13 +40,20 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
 fi
-# Re-install only when setup.py changed since the last install.
-STAMP="$VENV/.keras_swa-installed"
+# keras_swa itself is installed from a freshly built wheel (not the source tree), so the tests
+# check what users get; its dependencies are installed once, and again when setup.py changes.
+WHEELS="$(mktemp -d)"
+"$VENV/bin/python" -m pip wheel -q --no-deps -w "$WHEELS" "$ROOT" >/dev/null
+rm -rf "$ROOT/build" "$ROOT"/*.egg-info
+WHEEL="$(ls "$WHEELS"/keras_swa_tf-*.whl)"
+STAMP="$VENV/.keras_swa-deps-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
-  echo "+ installing keras_swa and its dependencies into $VENV" >&2
+  echo "+ installing keras_swa's dependencies into $VENV" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
+  "$VENV/bin/python" -m pip install -q "$WHEEL[test,bench]"
   touch "$STAMP"
 fi
+"$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$WHEEL"
+rm -rf "$WHEELS"
 export PATH="$VENV/bin:$PATH"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -4,7 +4,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
+# `pytest` (not `python -m pytest`) keeps the source tree off sys.path: the tests import the
+# installed wheel, and conftest.py checks that they do.
+export KERAS_SWA_TEST_INSTALLED=1
 echo "== keras_swa tests with Keras 3"
-python -m pytest tests "$@"
+pytest tests "$@"
 echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
-TF_USE_LEGACY_KERAS=1 python -m pytest tests "$@"
+TF_USE_LEGACY_KERAS=1 pytest tests "$@"

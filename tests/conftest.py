@@ -20,6 +20,15 @@ except RuntimeError:  # devices already initialised by an earlier import
     pass
 
 
+if os.environ.get("KERAS_SWA_TEST_INSTALLED") == "1":
+    import keras_swa
+
+    assert "site-packages" in keras_swa.__file__, (
+        "The tests must import the installed keras_swa wheel, not the source tree; got "
+        + keras_swa.__file__
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     from keras_swa.backend import keras
