@@ -40,6 +40,25 @@ def _finite_flags(variables):
     return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
 
 
+def _check_strategy(strategy):
+    """Refuses ParameterServerStrategy, whose asynchronous workers have no one set of weights."""
+    parameter_server = tuple(
+        cls
+        for cls in (
+            getattr(tf.distribute.experimental, "ParameterServerStrategy", None),
+            getattr(tf.compat.v1.distribute.experimental, "ParameterServerStrategy", None),
+        )
+        if cls is not None
+    )
+    if isinstance(strategy, parameter_server):
+        raise ValueError(
+            "keras_swa does not support ParameterServerStrategy: its workers update the "
+            "variables asynchronously, so there is no one set of weights per step to average. "
+            "Use MirroredStrategy or MultiWorkerMirroredStrategy. "
+            f"Received: strategy={type(strategy).__name__}"
+        )
+
+
 def _variable_name(variable):
     return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
 
@@ -55,6 +74,12 @@ class AveragedWeights(tf.Module):
 
     Non-trainable variables (BatchNorm moving statistics, counters) are not averaged by default:
     SWA recomputes BN statistics for the averaged weights with `keras_swa.update_bn` instead.
+
+    Under a `tf.distribute` strategy (the one in scope, else the model's `distribute_strategy`)
+    the averages are mirrored variables and `update()` runs the compiled update once per device
+    on that device's copies, from the cross-replica context or inside `strategy.run`.
+    MirroredStrategy and MultiWorkerMirroredStrategy are supported; ParameterServerStrategy is
+    refused with a `ValueError`.
 
     Args:
         model_or_variables: a built Keras model or layer, or a list of variables (Keras or
@@ -78,8 +103,10 @@ class AveragedWeights(tf.Module):
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> averaged = AveragedWeights(model)
     >>> averaged.update()             # first capture: a copy
+    True
     >>> _ = model.layers[0].kernel.assign(model.layers[0].kernel + 2.0)
     >>> averaged.update()             # second capture: mean of the two
+    True
     >>> int(averaged.n_averaged)
     2
     >>> with averaged.swap():         # averages in the model, originals back on exit
@@ -125,6 +152,7 @@ class AveragedWeights(tf.Module):
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
         self._source = _Untracked(variables)
         self._strategy = self._find_strategy(model_or_variables)
+        _check_strategy(self._strategy)
         with self._strategy.scope():
             self.averages = [
                 tf.Variable(

@@ -15,10 +15,19 @@ exponential average. No gradients are computed and no optimizer step is taken.
 How it stays on public APIs: the layers themselves run the pass. During the pass each such
 layer's `momentum` is 0, so after every batch its moving statistics hold that batch's statistics
 (`moving = momentum * moving + (1 - momentum) * batch_stat`); a `tf.function` folds them into
-float64 running sums right after the forward pass, and the averages are written back once the
-whole pass has succeeded.
+float32 running sums with Neumaier (compensated) summation right after the forward pass -- no
+float64, which TPUs lack, and no host round trip inside a batch -- and the averages are written
+back once the whole pass has succeeded.
+
+Under a `tf.distribute` strategy (the one in scope, else the one the model was built under) each
+global batch is split between the replicas and every replica runs the pass on its share
+(`strategy.run`). With ordinary BN each replica's statistics of its share are folded into one
+global cumulative average weighted by the share's size; with `BatchNormalization(synchronized=True)`
+the layer's statistics are those of the whole global batch. The sums are added across replicas
+(and workers) once, at the end, so every replica ends with the same statistics.
 """
 
+import contextlib
 import math
 import sys
 
@@ -33,7 +42,7 @@ __all__ = ["update_bn"]
 _DEFAULT_BATCH_SIZE = 32
 
 
-def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
+def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False):
     """Recomputes the moving statistics of a model's BatchNormalization layers.
 
     Runs one forward pass over `data` in training mode (no gradients, no optimizer step) and sets
@@ -52,6 +61,15 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
     if the whole pass succeeded. A BN layer called several times in one forward pass (a shared
     layer) gets the statistics of its last call in each batch.
 
+    Under a `tf.distribute` strategy (the one in scope, else `model.distribute_strategy`) every
+    worker passes the same `data`: each global batch is split into `num_replicas_in_sync`
+    consecutive shares, the larger ones first (as `numpy.array_split` and `tf.data` rebatching
+    split it), and replica `i` runs the pass on share `i`. With ordinary BN the result is the
+    cumulative average, weighted by share size, of every replica's statistics of its share; with
+    `BatchNormalization(synchronized=True)` it is the cumulative average of the global batches'
+    statistics. Every replica (and worker) ends with the same statistics.
+    `ParameterServerStrategy` is not supported.
+
     Args:
         model: a built Keras model.
         data: the inputs for the pass, usually the training inputs without augmentation: a
@@ -67,6 +85,10 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
         verbose: `"auto"`, 0, 1 or 2. 1 shows a `keras.utils.Progbar` for the pass, 2 one line
             at its end, 0 nothing. `"auto"` is 1 when the number of batches is known and above 1
             and the output is interactive, else 0. Defaults to `"auto"`.
+        jit_compile: compile each replica's forward pass with XLA (`tf.function(...,
+            jit_compile=True)` per replica; the pass holds no float64 and no host round trip).
+            Not needed under TPUStrategy, which compiles the pass itself; not possible with
+            synchronized BN on several replicas. Defaults to `False`.
 
     Returns:
         The number of samples in the pass (an int); 0 when the model has no BN layer to update,
@@ -75,6 +97,7 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
     Raises:
         ValueError: if the model is not built, if `data` is empty, is not a supported type or
             does not fit the model's inputs, or if an argument is invalid.
+        RuntimeError: if called inside `strategy.run` (in a replica context).
 
     Example:
 
@@ -92,6 +115,8 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
     [2.25, 2.25, 2.25]
     """
     _check_arguments(steps, batch_size, verbose)
+    if not isinstance(jit_compile, bool):
+        raise ValueError(f"`jit_compile` must be True or False. Received: jit_compile={jit_compile!r}")
     if not getattr(model, "built", False):
         raise ValueError(
             "`update_bn` needs a built model (its BatchNormalization layers create their "
@@ -99,15 +124,38 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
             "`keras.Input`, or call `model.build(input_shape)` first. "
             f"Received: model={model!r} (built=False)"
         )
+    strategy = _strategy_of(model)
+    _check_strategy(strategy)
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        raise RuntimeError(
+            "`update_bn` runs its own per-replica pass and must be called outside "
+            "`strategy.run` (in the cross-replica context), e.g. after the training loop."
+        )
     layers = _layers_to_update(model)
     if not layers:
         return 0
+    synchronized = [layer.name for layer in layers if getattr(layer, "synchronized", False)]
+    if jit_compile and synchronized and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "`jit_compile=True` cannot be combined with synchronized BatchNormalization under a "
+            "multi-replica strategy: the cross-replica reduction of the batch statistics cannot "
+            "run inside a per-replica XLA function. Pass `jit_compile=False` (TPUStrategy "
+            "compiles the pass with XLA by itself). "
+            f"Received: jit_compile=True, synchronized layers {synchronized}, "
+            f"num_replicas_in_sync={strategy.num_replicas_in_sync}"
+        )
 
     batches, num_batches = _batches(data, batch_size, steps)
     if verbose == "auto":
         verbose = 1 if num_batches is not None and num_batches > 1 and _interactive() else 0
     progbar = keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
+    scope = contextlib.nullcontext() if tf.distribute.has_strategy() else strategy.scope()
+    with scope:
+        return _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile)
 
+
+def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile):
+    """The pass itself, in the cross-replica context of `strategy`; returns the sample count."""
     stats = [var for layer in layers for var in _statistics(layer)]
     stat_ids = {id(var) for var in stats}
     # Everything else a training-mode forward pass may write to (the statistics of BN layers
@@ -117,10 +165,13 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
     stat_backup = [tf.convert_to_tensor(var) for var in stats]
     other_backup = [tf.convert_to_tensor(var) for var in others]
     momenta = [layer.momentum for layer in layers]
+    num_replicas = strategy.num_replicas_in_sync
 
     # Traced once per call (twice with an uneven last batch); `reduce_retracing` keeps inputs
     # whose shapes vary from batch to batch from retracing every batch.
-    step = tf.function(_ForwardPass(model, stats), reduce_retracing=True)
+    forward = _ForwardPass(model, stats, strategy, jit_compile)
+    step = tf.function(forward, reduce_retracing=True)
+    size = sum(int(np.prod(var.shape)) for var in stats)
 
     succeeded = False
     try:
@@ -130,7 +181,7 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
             # `0 * inf` is nan: non-finite statistics would poison every batch.
             if not bool(tf.reduce_all(tf.math.is_finite(value))):
                 var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
-        sums = [tf.zeros(var.shape, tf.float64) for var in stats]
+        state = _per_replica(strategy, lambda _: (tf.zeros([size]), tf.zeros([size])))
         seen = 0
         num_steps = 0
         for x in batches:
@@ -138,7 +189,11 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
             if n == 0:
                 continue
             try:
-                sums = step(x, tf.constant(n, tf.float64), sums)
+                if num_replicas == 1:
+                    inputs = (x, tf.constant(float(n)))
+                else:
+                    inputs = _split_batch(strategy, x, n)
+                state = step(*inputs, state)
             except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
                 raise ValueError(
                     f"`update_bn` could not run the model on a batch of `data` (batch "
@@ -156,7 +211,16 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
                 f"statistics cannot be recomputed. Received: data={_describe(data)}"
                 + (f", steps={steps}" if steps is not None else "")
             )
-        averages = [tf.cast(total / seen, var.dtype) for total, var in zip(sums, stats)]
+        # One sum over the replicas (and workers) of every replica's compensated sums.
+        local_totals = strategy.run(tf.function(lambda s, c: s + c), args=state)
+        totals = strategy.reduce(tf.distribute.ReduceOp.SUM, local_totals, axis=None)
+        averages = []
+        offset = 0
+        for var in stats:
+            count = int(np.prod(var.shape))
+            total = tf.reshape(totals[offset : offset + count], var.shape)
+            averages.append(tf.cast(total / seen, var.dtype))
+            offset += count
         succeeded = True
     finally:
         for layer, momentum in zip(layers, momenta):
@@ -172,24 +236,136 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto"):
     return seen
 
 
+def _accumulate(sums, compensations, statistics, count):
+    """Adds `count` times the statistics to float32 running sums (Neumaier summation).
+
+    The compensated sum keeps the error of the total at float32 rounding however many batches
+    are added, without float64 (which TPUs do not have). `sum + compensation` is the total.
+
+    Args:
+        sums: float32 vector, the running sums of all statistics, flattened and concatenated.
+        compensations: float32 vector of the same size, the running rounding corrections.
+        statistics: the statistics of this batch (tensors of any float dtype and shape), in
+            the order of `sums`.
+        count: float32 scalar, the number of samples they were computed from. A share with no
+            samples (0) adds nothing; its statistics (NaN) are ignored.
+
+    Returns:
+        The new `(sums, compensations)`.
+    """
+    flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in statistics], axis=0)
+    term = tf.where(count > 0, flat * count, tf.zeros_like(flat))
+    total = sums + term
+    lost = tf.where(tf.abs(sums) >= tf.abs(term), (sums - total) + term, (term - total) + sums)
+    return total, compensations + lost
+
+
 class _ForwardPass:
-    """One training-mode forward pass; adds `batch_weight` times the batch's statistics to `sums`.
+    """One training-mode forward pass per replica; folds the batch statistics into the sums.
 
     A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
     every `update_bn` call apart and does not warn about retracing when it is called repeatedly.
     """
 
-    def __init__(self, model, statistics):
+    def __init__(self, model, statistics, strategy, jit_compile):
         self.model = model
         self.statistics = statistics
+        self.strategy = strategy
+        self.distributed = strategy.num_replicas_in_sync > 1
+        self.jit_compile = jit_compile
+        self.compiled = {}
 
-    def __call__(self, x, batch_weight, sums):
+    def __call__(self, x, count, state):
+        return self.strategy.run(self.replica_step, args=(x, count, state))
+
+    def replica_step(self, x, count, state):
+        if not self.jit_compile:
+            return self._replica_step(x, count, state)
+        # XLA compiles a per-device step under a strategy when each replica calls its own
+        # compiled function, which captures that replica's copies of the variables; one function
+        # shared by the replicas would read another device's copies. (On TPU the replica id is
+        # not static and one program serves every core.)
+        replica_id = tf.get_static_value(
+            tf.distribute.get_replica_context().replica_id_in_sync_group
+        )
+        key = None if replica_id is None else int(replica_id)
+        if key not in self.compiled:
+            self.compiled[key] = tf.function(self._replica_step, jit_compile=True)
+        return self.compiled[key](x, count, state)
+
+    def _replica_step(self, x, count, state):
         self.model(x, training=True)
         # Automatic control dependencies order these reads after the layers' own assignments.
-        return [
-            total + batch_weight * tf.cast(tf.convert_to_tensor(var), tf.float64)
-            for total, var in zip(sums, self.statistics)
-        ]
+        # In a replica context they read this replica's own copy of the statistics.
+        values = [tf.convert_to_tensor(var) for var in self.statistics]
+        if self.distributed:
+            # A replica with an empty share (a global batch smaller than the number of
+            # replicas) computes NaN statistics, which `0 * nan` would carry into its next batch.
+            for var, value in zip(self.statistics, values):
+                var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
+        return _accumulate(*state, values, count)
+
+
+def _strategy_of(model):
+    """The strategy in scope, else the one the model was built under, else the default one."""
+    if tf.distribute.has_strategy():
+        return tf.distribute.get_strategy()
+    strategy = getattr(model, "distribute_strategy", None)
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    return tf.distribute.get_strategy()
+
+
+def _check_strategy(strategy):
+    parameter_server = tuple(
+        cls
+        for cls in (
+            getattr(tf.distribute.experimental, "ParameterServerStrategy", None),
+            getattr(tf.compat.v1.distribute.experimental, "ParameterServerStrategy", None),
+        )
+        if cls is not None
+    )
+    if isinstance(strategy, parameter_server):
+        raise ValueError(
+            "`update_bn` does not support ParameterServerStrategy: its workers run "
+            "asynchronously, so there is no one pass whose statistics could be combined. Run "
+            "`update_bn` on the chief with a MirroredStrategy or no strategy. "
+            f"Received: strategy={type(strategy).__name__}"
+        )
+
+
+def _per_replica(strategy, value_fn):
+    """`value_fn(replica_id)` on every replica, as a per-replica value (plain on one replica)."""
+    if strategy.num_replicas_in_sync == 1:
+        return value_fn(0)
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: value_fn(context.replica_id_in_sync_group)
+    )
+
+
+def _split_batch(strategy, x, n):
+    """Splits a global batch of `n` samples between the replicas, as `tf.data` rebatching does.
+
+    Replica `i` (global replica id, so also across workers) gets the `i`-th of
+    `num_replicas_in_sync` consecutive shares whose sizes differ by at most one, the larger
+    shares first (`numpy.array_split`). Returns per-replica `(x, count)`.
+    """
+    num_replicas = strategy.num_replicas_in_sync
+    small, extra = divmod(n, num_replicas)
+    bounds = [0]
+    for i in range(num_replicas):
+        bounds.append(bounds[-1] + small + (1 if i < extra else 0))
+
+    def share(replica_id):
+        start, stop = bounds[replica_id], bounds[replica_id + 1]
+
+        def cut(leaf):
+            leaf = tf.convert_to_tensor(leaf)
+            return leaf[start:stop] if leaf.shape.rank else leaf
+
+        return tf.nest.map_structure(cut, x), tf.constant(float(stop - start))
+
+    return _per_replica(strategy, share)
 
 
 def _check_arguments(steps, batch_size, verbose):

@@ -471,7 +471,8 @@ class SWA(keras.callbacks.Callback):
                 self._resumed and os.path.isdir(os.fspath(self.export_dir))
             )
             path = export_saved_model(self.model, self.export_dir, overwrite=overwrite)
-            self._log(f"SWA: SavedModel written to {path}.")
+            if path is not None:  # None on non-chief workers, which write nothing
+                self._log(f"SWA: SavedModel written to {path}.")
         if self._backup is not None:
             self._backup.delete()
 

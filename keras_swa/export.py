@@ -75,8 +75,14 @@ def export_saved_model(
             `model.export`. Needed for models without symbolic inputs (subclassed models).
             Defaults to `None`: taken from `model.inputs`, with a `None` batch dimension.
 
+    Under `tf.distribute.MultiWorkerMirroredStrategy` (in scope, or the model's
+    `distribute_strategy`) every worker must call this function, but only the chief (task type
+    `"chief"`, or worker 0 of a cluster without one) writes to `path`; the other workers write
+    into a private temporary directory that they delete, and leave nothing behind.
+
     Returns:
-        The absolute path of the SavedModel directory, as a `str`.
+        The absolute path of the SavedModel directory, as a `str`; `None` on a non-chief worker
+        of a multi-worker strategy, which keeps nothing.
 
     Example:
 
@@ -93,17 +99,33 @@ def export_saved_model(
     True
     """
     _check_model(model)
-    path = _check_path(path, overwrite)
     if not isinstance(signature_name, str) or not signature_name.isidentifier():
         raise ValueError(
             "`signature_name` must be a non-empty string that is a valid Python identifier "
             f"(e.g. 'serving_default'). Received: signature_name={signature_name!r}"
         )
+    chief = _is_chief(model)
+    if chief:
+        path = _check_path(path, overwrite)
     structure, specs = _serving_inputs(model, input_signature)
 
     def serve(inputs):
         flat = [inputs[name] for name in specs]
         return model(tf.nest.pack_sequence_as(structure, flat), training=False)
+
+    if not chief:
+        # Saving may read synchronised variables, which all workers must do together: a
+        # non-chief worker writes the same SavedModel into a private temporary directory and
+        # deletes it (TensorFlow's multi-worker saving pattern).
+        tmp = tempfile.mkdtemp(prefix="keras_swa-worker-export-")
+        try:
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint(signature_name, serve, input_signature=[specs])
+            _write_out(archive, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
 
     parent, name = os.path.split(path)
     try:
@@ -137,6 +159,24 @@ def export_saved_model(
         raise
     _fsync_dir(parent)
     return path
+
+
+def _is_chief(model):
+    """Whether this process writes the model: False only on a non-chief multi-worker task."""
+    if tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+    else:
+        strategy = getattr(model, "distribute_strategy", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    task_type = getattr(resolver, "task_type", None)
+    if task_type is None:  # a single worker without a cluster
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (
+        task_type == "worker" and resolver.task_id == 0 and not has_chief
+    )
 
 
 def _check_path(path, overwrite):

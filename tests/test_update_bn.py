@@ -321,10 +321,10 @@ def test_model_built_under_mirrored_strategy():
     with strategy.scope():
         model = _two_bn_mlp()
         model.compile(optimizer="sgd", loss="mse")
-    x = _data(40, seed=14)
+    x = _data(32, seed=14)
     with strategy.scope():
-        assert update_bn(model, x, batch_size=16, verbose=0) == 40
-    expected1, expected2 = _two_bn_expected(model, x, 16)
+        assert update_bn(model, x, batch_size=16, verbose=0) == 32
+    expected1, expected2 = _two_bn_expected(model, x, 8)
     _assert_stats(model.get_layer("bn1"), expected1)
     _assert_stats(model.get_layer("bn2"), expected2)
 
