@@ -22,6 +22,7 @@ from keras_swa.backup import StateBackup
 from keras_swa.batch_norm import update_bn
 from keras_swa.export import export_saved_model
 from keras_swa.schedules import Cyclic
+from keras_swa.swap import restore_variables, snapshot_variables
 
 __all__ = ["SWA"]
 
@@ -94,6 +95,12 @@ class SWA(keras.callbacks.Callback):
             saved).
         backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
             `save_freq`. Defaults to `"epoch"`.
+        swa_validation_data: `(x, y)` arrays or a dataset: at the end of every
+            `swa_validation_freq`-th epoch with captures, the averaged weights are evaluated on
+            it (with BatchNorm recomputed from `bn_data`) and the results are logged as
+            `val_swa_loss`, `val_swa_<metric>`. Every variable of the model is restored
+            afterwards, so training follows exactly the same trajectory. Defaults to `None`.
+        swa_validation_freq: positive int, evaluate every this many epochs. Defaults to 1.
         verbose: 1 prints a line at each capture and at the end; 0 is silent. Defaults to 1.
 
     Example:
@@ -124,6 +131,8 @@ class SWA(keras.callbacks.Callback):
         nonfinite="raise",
         backup_dir=None,
         backup_freq="epoch",
+        swa_validation_data=None,
+        swa_validation_freq=1,
         verbose=1,
     ):
         super().__init__()
@@ -199,6 +208,11 @@ class SWA(keras.callbacks.Callback):
             backup_dir, "__fspath__"
         ):
             raise TypeError(f"`backup_dir` must be a path. Received: backup_dir={backup_dir!r}")
+        if not (_is_int(swa_validation_freq) and swa_validation_freq >= 1):
+            raise ValueError(
+                "`swa_validation_freq` must be a positive int. "
+                f"Received: swa_validation_freq={swa_validation_freq!r}"
+            )
         if verbose not in (0, 1, 2, True, False):
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         # Checked here so that a bad mode/decay fails before training, not at train begin.
@@ -229,6 +243,8 @@ class SWA(keras.callbacks.Callback):
         self._backup = None
         self._restored = False
         self._resumed = False
+        self.swa_validation_data = swa_validation_data
+        self.swa_validation_freq = int(swa_validation_freq)
         self.verbose = int(verbose)
 
         self.averaged = None
@@ -495,9 +511,35 @@ class SWA(keras.callbacks.Callback):
             self._capture(epoch)
         if self.backup_freq == "epoch":
             self._save_state()
+        if (
+            logs is not None
+            and self.swa_validation_data is not None
+            and int(self.averaged.n_averaged.numpy()) > 0
+            and (epoch + 1) % self.swa_validation_freq == 0
+        ):
+            logs.update(self._evaluate_average())
         if logs is not None:
             logs["learning_rate"] = backend.get_learning_rate(self.model.optimizer)
             logs["swa_n"] = int(self.averaged.n_averaged.numpy())
+
+    def _evaluate_average(self):
+        """Evaluates the averaged weights (BN recomputed), then restores every variable."""
+        data = self.swa_validation_data
+        snapshot = snapshot_variables(self.model)
+        try:
+            self.averaged.assign_to(self.model)
+            if backend.batch_norm_layers(self.model):
+                update_bn(
+                    self.model, self.bn_data, steps=self.bn_steps,
+                    batch_size=self.bn_batch_size, verbose=0,
+                )
+            if isinstance(data, (tuple, list)):
+                results = self.model.evaluate(*data, verbose=0, return_dict=True)
+            else:
+                results = self.model.evaluate(data, verbose=0, return_dict=True)
+        finally:
+            restore_variables(self.model, snapshot)
+        return {f"val_swa_{name}": float(value) for name, value in results.items()}
 
     # ------------------------------------------------------------------ steps (bound per instance)
 

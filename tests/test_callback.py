@@ -291,6 +291,7 @@ def test_epoch_captures_do_not_override_batch_end_hook():
         ({"mode": "avg"}, "mode='avg'"),
         ({"nonfinite": "warn"}, "nonfinite='warn'"),
         ({"backup_freq": 0}, "backup_freq=0"),
+        ({"swa_validation_freq": 0}, "swa_validation_freq=0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -364,3 +365,71 @@ def test_bad_bn_data_fails_before_training():
             model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[swa], verbose=0)
     for b, v in zip(before, model.variables):
         np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_validation_of_the_average_leaves_training_bit_identical():
+    x, y = _data(10)
+    xv, yv = _data(11)
+
+    def run(validate):
+        keras.utils.set_random_seed(3)
+        model = _bn_model()
+        model.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
+        rec = Recorder()
+        swa = SWA(start_epoch=1, bn_data=x, bn_batch_size=BATCH, verbose=0,
+                  swa_validation_data=(xv, yv) if validate else None)
+        history = model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+                            callbacks=[swa, rec])
+        return model, rec, history
+
+    plain_model, plain, _ = run(False)
+    model, rec, history = run(True)
+    for (_, _, a), (_, _, b) in zip(plain.epochs, rec.epochs):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    for u, v in zip(plain_model.variables, model.variables):
+        np.testing.assert_array_equal(u.numpy(), v.numpy())
+    # The logged value is the final model's (average + recomputed BN) validation loss.
+    assert len(history.history["val_swa_loss"]) == 3  # epochs 1..3 have captures
+    expected = np.mean((model.predict(xv, verbose=0) - yv) ** 2)
+    assert history.history["val_swa_loss"][-1] == pytest.approx(expected, rel=1e-4)
+    assert "val_swa_mae" in history.history
+
+
+def test_swap_averaged_weights_for_model_checkpoint(tmp_path):
+    from keras_swa.swap import SwapAveragedWeights
+
+    x, y = _data(12)
+    model = _dense_model()
+    initial = model.get_weights()
+    rec = Recorder()
+    swa = SWA(start_epoch=1, verbose=0)
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights.append([v.numpy().astype(np.float64) for v in self.model.trainable_variables])
+
+    seen = Seen()
+    model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+              callbacks=[swa, rec, SwapAveragedWeights(swa), seen])
+    # What callbacks after the swap see at epoch e >= 1: the mean of the captures so far.
+    for e in range(1, 4):
+        expected = _mean([snap for epoch, _, snap in rec.epochs if 1 <= epoch <= e])
+        for v, w in zip(seen.weights[e], expected):
+            np.testing.assert_allclose(v, w, rtol=1e-5, atol=1e-6)
+    # Training itself is untouched: the same trajectory as without the swap callback.
+    keras.utils.set_random_seed(1234)
+    plain_model = _dense_model()
+    plain_model.set_weights(initial)
+    plain = Recorder()
+    plain_model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+                    callbacks=[SWA(start_epoch=1, verbose=0), plain])
+    for (_, _, a), (_, _, b) in zip(plain.epochs, rec.epochs):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    with pytest.raises(TypeError, match="swa="):
+        SwapAveragedWeights("not a callback")

@@ -13,6 +13,7 @@ from keras_swa.backend import keras
 PUBLIC = {
     "AveragedWeights",
     "SWA",
+    "SwapAveragedWeights",
     "__version__",
     "export_saved_model",
     "schedules",
@@ -26,6 +27,8 @@ MODULES = [
     "keras_swa.callback",
     "keras_swa.export",
     "keras_swa.schedules",
+    "keras_swa.backup",
+    "keras_swa.swap",
 ]
 
 
