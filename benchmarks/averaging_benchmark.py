@@ -1,0 +1,364 @@
+"""Cost of one SWA averaging update over ResNet-50-sized weights, against the memory-bound floor.
+
+One SWA capture folds every weight into its running average,
+`avg += (w - avg) / (n + 1)` (Izmailov et al. 2018, arXiv 1803.05407). For ResNet-50's 214
+trainable tensors (25.6M floats) that is a memory-bound pass over ~300 MB (read `w` and `avg`,
+write `avg`). This benchmark times one full update of all averages, side by side in one run:
+
+- `keras_swa AveragedWeights.update()`: the product as users get it (by default it first
+  checks every weight for NaN/Inf, then runs one XLA-compiled update over all variables);
+- `... (nonfinite="ignore")`: the product without that check: the update alone;
+- `floor: one flat jit lerp`: the same number of floats in ONE flat fp32 buffer, updated by one
+  `tf.function(jit_compile=True)`: what TensorFlow can do at best (the ratios' denominator);
+- `naive per-variable tf.function loop`: one graph function (no XLA) per variable, called from
+  a Python loop: what a straightforward callback would do;
+- `torch get_swa_multi_avg_fn (foreach lerp)`: torch's own multi-tensor SWA update on torch
+  tensors of the same shapes, when torch is importable (`pip install torch`; optional);
+- `torch flat lerp_ (reference)`: one `lerp_` over one flat torch buffer, the hardware's
+  memory-bound floor as torch reaches it (reference only).
+
+The shapes are read from `keras.applications.ResNet50(weights=None)` (no download). Targets,
+stated in the output: the product within 1.2x of the floor, and no slower than torch's foreach.
+The verdicts use medians of per-round ratios; the ratios of the minimums (the uncontended cost
+on a shared machine) are reported beside them.
+
+Run (from the repository root):
+
+    python -m benchmarks.averaging_benchmark
+
+Smoke test (a few small tensors, seconds):
+
+    python -m benchmarks.averaging_benchmark --quick --output_dir /tmp/bench
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks import flags as bench  # noqa: E402
+from keras_swa.averaged_weights import AveragedWeights  # noqa: E402
+from keras_swa.backend import keras  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_integer(
+    "quick_num_tensors",
+    24,
+    "With --quick, how many of ResNet-50's trainable tensors (the first ones) are averaged.",
+)
+flags.DEFINE_bool(
+    "torch",
+    True,
+    "Include the torch rows when torch is importable.",
+)
+
+NAME = "averaging_benchmark"
+PRODUCT = "keras_swa AveragedWeights.update()"
+PRODUCT_NO_CHECK = 'keras_swa AveragedWeights(nonfinite="ignore").update()'
+FLOOR = "floor: one flat jit lerp (TF/XLA)"
+NAIVE = "naive per-variable tf.function loop"
+TORCH_FOREACH = "torch get_swa_multi_avg_fn (foreach lerp)"
+TORCH_FLAT = "torch flat lerp_ (reference)"
+
+TARGET_RATIO_TO_FLOOR = 1.2
+TARGET_RATIO_TO_TORCH = 1.0
+
+
+def resnet50_shapes():
+    """The shapes of `keras.applications.ResNet50(weights=None)`'s trainable weights."""
+    model = keras.applications.ResNet50(weights=None)
+    shapes = [tuple(int(d) for d in w.shape) for w in model.trainable_weights]
+    del model
+    keras.backend.clear_session()
+    return shapes
+
+
+def _timed(fn):
+    def run():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
+def make_product(sources, **kwargs):
+    averaged = AveragedWeights(sources, **kwargs)
+    return averaged.update
+
+
+def make_floor(arrays):
+    flat = np.concatenate([a.ravel() for a in arrays])
+    weights = tf.Variable(flat, trainable=False)
+    average = tf.Variable(np.zeros_like(flat), trainable=False)
+    n = tf.Variable(0.0)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def update():
+        average.assign(average + (weights - average) / (n + 1.0))
+        n.assign_add(1.0)
+
+    return update
+
+
+def make_naive(sources):
+    n = tf.Variable(0.0)
+    functions = []
+    for source in sources:
+        average = tf.Variable(tf.zeros(source.shape, tf.float32), trainable=False)
+
+        def one(average=average, source=source):
+            average.assign(average + (source - average) / (n + 1.0))
+
+        functions.append(tf.function(one, autograph=False))
+
+    def update():
+        for fn in functions:
+            fn()
+        n.assign_add(1.0)
+
+    return update
+
+
+def make_torch_foreach(torch, arrays):
+    from torch.optim.swa_utils import get_swa_multi_avg_fn
+
+    swa_update = get_swa_multi_avg_fn()
+    weights = [torch.from_numpy(a) for a in arrays]
+    averages = [torch.zeros_like(w) for w in weights]
+    state = {"n": 0}
+
+    def update():
+        swa_update(averages, weights, state["n"])
+        state["n"] += 1
+
+    return update
+
+
+def make_torch_flat(torch, arrays):
+    weights = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+    average = torch.zeros_like(weights)
+    state = {"n": 0}
+
+    @torch.no_grad()
+    def update():
+        average.lerp_(weights, 1.0 / (state["n"] + 1))
+        state["n"] += 1
+
+    return update
+
+
+def _import_torch():
+    if not FLAGS.torch:
+        return None, "torch rows disabled by --notorch"
+    try:
+        import torch
+    except ImportError as e:
+        return None, f"torch is not importable ({e}); `pip install torch` to add its rows"
+    return torch, None
+
+
+def _verdict(ok):
+    return "met" if ok else "NOT met"
+
+
+def main(_):
+    bench.validate_common_flags()
+    if FLAGS.quick_num_tensors < 1:
+        raise app.UsageError(
+            "`--quick_num_tensors` must be a positive integer. "
+            f"Received: quick_num_tensors={FLAGS.quick_num_tensors}"
+        )
+    repeats, warmup = bench.rounds(
+        default_repeats=100, default_warmup=10, quick_repeats=3, quick_warmup=1
+    )
+    tf.get_logger().setLevel("ERROR")  # the naive loop traces 214 functions on purpose
+    machine = bench.machine_info()
+    command = bench.command_line("benchmarks.averaging_benchmark")
+
+    shapes = resnet50_shapes()
+    if FLAGS.quick:
+        shapes = shapes[: FLAGS.quick_num_tensors]
+    num_floats = int(sum(int(np.prod(s)) for s in shapes))
+    print(f"{len(shapes)} tensors, {num_floats:,} floats ({num_floats * 4 / 2**20:.1f} MiB fp32)")
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    sources = [tf.Variable(a, trainable=False) for a in arrays]
+
+    variants = {
+        PRODUCT: _timed(make_product(sources)),
+        PRODUCT_NO_CHECK: _timed(make_product(sources, nonfinite="ignore")),
+        FLOOR: _timed(make_floor(arrays)),
+        NAIVE: _timed(make_naive(sources)),
+    }
+    notes = []
+    torch, why_not = _import_torch()
+    if torch is None:
+        notes.append(f"torch rows skipped: {why_not}.")
+    else:
+        variants[TORCH_FOREACH] = _timed(make_torch_foreach(torch, arrays))
+        variants[TORCH_FLAT] = _timed(make_torch_flat(torch, arrays))
+
+    timings = bench.interleave(variants, repeats, warmup)
+
+    floor = timings[FLOOR]
+    results = []
+    for name, samples in timings.items():
+        stats = bench.summarize(samples)
+        row = {
+            "name": name,
+            "timings_s": samples,
+            "median_ms": stats["median"] * 1e3,
+            "p25_ms": stats["p25"] * 1e3,
+            "p75_ms": stats["p75"] * 1e3,
+            "min_ms": stats["min"] * 1e3,
+            "ratio_to_floor": bench.paired_ratio(samples, floor),
+            "ratio_of_medians_to_floor": stats["median"] / bench.summarize(floor)["median"],
+            "ratio_of_minimums_to_floor": stats["min"] / min(floor),
+            "effective_gib_per_s": 3 * num_floats * 4 / stats["median"] / 2**30,
+        }
+        if torch is not None:
+            row["ratio_to_torch_foreach"] = bench.paired_ratio(samples, timings[TORCH_FOREACH])
+            row["ratio_of_minimums_to_torch_foreach"] = stats["min"] / min(timings[TORCH_FOREACH])
+        results.append(row)
+    by_name = {r["name"]: r for r in results}
+
+    targets = [
+        {
+            "name": "product within 1.2x of the floor",
+            "value": by_name[PRODUCT]["ratio_to_floor"],
+            "target": TARGET_RATIO_TO_FLOOR,
+            "met": by_name[PRODUCT]["ratio_to_floor"] <= TARGET_RATIO_TO_FLOOR,
+            "value_from_minimums": by_name[PRODUCT]["ratio_of_minimums_to_floor"],
+        }
+    ]
+    if torch is not None:
+        targets.append(
+            {
+                "name": "product no slower than torch foreach",
+                "value": by_name[PRODUCT]["ratio_to_torch_foreach"],
+                "target": TARGET_RATIO_TO_TORCH,
+                "met": by_name[PRODUCT]["ratio_to_torch_foreach"] <= TARGET_RATIO_TO_TORCH,
+                "value_from_minimums": by_name[PRODUCT]["ratio_of_minimums_to_torch_foreach"],
+            }
+        )
+    else:
+        targets.append(
+            {
+                "name": "product no slower than torch foreach",
+                "value": None,
+                "target": TARGET_RATIO_TO_TORCH,
+                "met": None,
+                "note": why_not,
+            }
+        )
+
+    headers = [
+        "variant",
+        "ms/update (median)",
+        "p25-p75 ms",
+        "min ms",
+        "x floor",
+        "x torch foreach",
+    ]
+    rows = []
+    for r in results:
+        vs_torch = f"{r['ratio_to_torch_foreach']:.2f}" if "ratio_to_torch_foreach" in r else "n/a"
+        rows.append(
+            [
+                r["name"],
+                f"{r['median_ms']:.2f}",
+                f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
+                f"{r['min_ms']:.2f}",
+                f"{r['ratio_to_floor']:.2f}",
+                vs_torch,
+            ]
+        )
+    if torch is None:
+        rows.append([TORCH_FOREACH, "skipped", "", "", "", why_not])
+    lines = [
+        f"# SWA averaging update: {len(shapes)} ResNet-50 tensors, {num_floats:,} floats"
+        + (" (--quick subset)" if FLAGS.quick else ""),
+        "",
+        f"`{command}`",
+        "",
+        f"{repeats} interleaved rounds after {warmup} warm-up rounds; medians, ratios are "
+        "medians of per-round ratios. "
+        f"{machine['cpu_model']}, {machine['cpu_count']} CPUs; "
+        f"{bench.versions()['keras_flavour']}, TF {tf.__version__}.",
+        "",
+        bench.markdown_table(headers, rows),
+        "",
+        "Targets:",
+        "",
+    ]
+    for t in targets:
+        if t["met"] is None:
+            lines.append(f"- {t['name']} (<= {t['target']}x): not measured ({t['note']})")
+        else:
+            by_minimums = t["value_from_minimums"]
+            lines.append(
+                f"- {t['name']} (<= {t['target']}x): {t['value']:.2f}x, {_verdict(t['met'])} "
+                f"by medians; {by_minimums:.2f}x, "
+                f"{_verdict(by_minimums <= t['target'])} by minimums"
+            )
+    notes.append(
+        "medians include contention from whatever else runs on the machine (load average "
+        f"{machine.get('load_average_at_start')} at the start); minimums approximate the "
+        "uncontended cost. torch's OpenMP threads slow down most when the cores are shared."
+    )
+    lines.extend(f"- note: {n}" for n in notes)
+    table = "\n".join(lines)
+    print(table)
+
+    extra_versions = {}
+    if torch is not None:
+        extra_versions["torch"] = torch.__version__
+    payload = {
+        "benchmark": NAME,
+        "command": command,
+        "machine": machine,
+        "versions": bench.versions(**extra_versions),
+        "config": {
+            "quick": FLAGS.quick,
+            "repeats": repeats,
+            "warmup": warmup,
+            "num_tensors": len(shapes),
+            "num_floats": num_floats,
+            "shapes_from": "keras.applications.ResNet50(weights=None).trainable_weights",
+            "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "torch_threads": torch.get_num_threads() if torch is not None else None,
+            "update": "avg += (w - avg) / (n + 1), fp32",
+        },
+        "results": results,
+        "targets": targets,
+        "notes": notes,
+    }
+
+    def plot(path):
+        bench.save_bar_plot(
+            path,
+            labels=[r["name"] for r in results],
+            values=[r["median_ms"] for r in results],
+            lows=[r["p25_ms"] for r in results],
+            highs=[r["p75_ms"] for r in results],
+            ylabel="ms per update of all averages (median, whiskers p25-p75)",
+            title=f"SWA update, {len(shapes)} tensors / {num_floats / 1e6:.1f}M floats",
+            reference=(by_name[FLOOR]["median_ms"], "TF/XLA floor"),
+        )
+
+    paths = bench.write_results(NAME, payload, table, plot)
+    print("Wrote " + ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,172 @@
+"""Smoke tests for the cost benchmarks in `benchmarks/`: each runs `--quick` and writes results.
+
+The benchmarks run in subprocesses exactly as documented (`python -m benchmarks.NAME --quick`),
+against the same keras_swa this test imports (the installed wheel in CI); the shared helpers are
+checked in-process against hand-computed numbers.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app
+
+import keras_swa
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Appended, not prepended: an installed keras_swa keeps precedence over the source tree.
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
+
+from benchmarks import flags as bench  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_benchmark(module, tmp_path, *args):
+    # `python -m` puts the working directory first on sys.path, so the benchmark runs from a
+    # folder that holds only the `benchmarks` package, and finds keras_swa where this test did.
+    package_root = tmp_path / "package_root"
+    package_root.mkdir()
+    (package_root / "benchmarks").symlink_to(os.path.join(REPO_ROOT, "benchmarks"))
+    keras_swa_parent = os.path.dirname(os.path.dirname(os.path.abspath(keras_swa.__file__)))
+    python_path = [keras_swa_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join(python_path),
+    )
+    output_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--output_dir", str(output_dir), *args],
+        cwd=package_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return output_dir
+
+
+def _check_files(output_dir, name):
+    paths = {ext: output_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    for path in paths.values():
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+    table = paths["md"].read_text()
+    assert "| variant |" in table and "| --- |" in table
+    payload = json.loads(paths["json"].read_text())
+    for key in ("benchmark", "command", "date", "machine", "versions", "config", "results"):
+        assert key in payload, key
+    assert payload["benchmark"] == name
+    assert payload["command"].startswith(f"python -m benchmarks.{name} --quick")
+    assert payload["machine"]["cpu_count"] == os.cpu_count()
+    for key in ("tensorflow", "keras", "keras_flavour", "numpy", "python"):
+        assert payload["versions"][key], key
+    # The benchmark ran the keras_swa this test imports (the installed wheel in CI).
+    assert payload["versions"]["keras_swa_path"] == os.path.dirname(
+        os.path.abspath(keras_swa.__file__)
+    )
+    assert payload["config"]["quick"] is True
+    for result in payload["results"]:
+        assert result["timings_s"], result["name"]
+        assert all(t > 0 for t in result["timings_s"]), result["name"]
+    return payload, table
+
+
+def test_averaging_benchmark_quick(tmp_path):
+    output_dir = _run_benchmark("benchmarks.averaging_benchmark", tmp_path, "--repeats", "2")
+    payload, table = _check_files(output_dir, "averaging_benchmark")
+    results = {r["name"]: r for r in payload["results"]}
+    product = "keras_swa AveragedWeights.update()"
+    floor = "floor: one flat jit lerp (TF/XLA)"
+    naive = "naive per-variable tf.function loop"
+    no_check = 'keras_swa AveragedWeights(nonfinite="ignore").update()'
+    for name in (product, no_check, floor, naive):
+        assert name in results and name in table
+        assert len(results[name]["timings_s"]) == 2  # --repeats 2
+        assert results[name]["median_ms"] > 0 and results[name]["ratio_to_floor"] > 0
+    assert results[floor]["ratio_to_floor"] == 1.0
+    config = payload["config"]
+    assert config["num_tensors"] == 24  # the default --quick_num_tensors
+    assert 0 < config["num_floats"] < 25_583_592  # a strict subset of ResNet-50's floats
+    targets = {t["name"]: t for t in payload["targets"]}
+    assert targets["product within 1.2x of the floor"]["met"] in (True, False)
+    torch_row = "torch get_swa_multi_avg_fn (foreach lerp)"
+    if importlib.util.find_spec("torch") is not None:
+        assert results[torch_row]["median_ms"] > 0
+        assert payload["versions"]["torch"]
+    else:
+        assert torch_row not in results
+        assert any(note.startswith("torch rows skipped") for note in payload["notes"])
+        assert "skipped" in table
+
+
+def test_fit_overhead_benchmark_quick(tmp_path):
+    output_dir = _run_benchmark("benchmarks.fit_overhead_benchmark", tmp_path)
+    payload, table = _check_files(output_dir, "fit_overhead_benchmark")
+    results = {r["name"]: r for r in payload["results"]}
+    assert set(results) == {
+        "plain fit",
+        "SWA, capture every epoch",
+        "SWA, capture every step",
+        "update_bn(model, x), one pass",
+    }
+    config = payload["config"]
+    for name in ("plain fit", "SWA, capture every epoch", "SWA, capture every step"):
+        # One measured round; each fit's first epoch is not timed.
+        assert len(results[name]["timings_s"]) == config["epochs_per_fit"] - 1
+        assert results[name]["ratio_to_plain_epoch"] > 0
+    assert results["plain fit"]["ratio_to_plain_epoch"] == 1.0
+    for name in ("SWA, capture every epoch", "SWA, capture every step"):
+        # SWA's on_train_end writes the averages and runs the BN pass: it takes time.
+        assert results[name]["train_end_median_s"] > 0
+        # Time inside SWA's own hooks, measured per epoch (the first epoch is dropped).
+        assert len(results[name]["swa_hooks_s"]) == config["epochs_per_fit"] - 1
+        assert results[name]["swa_hooks_median_s"] > 0
+    assert "swa_hooks_s" not in results["plain fit"]
+    assert len(results["update_bn(model, x), one pass"]["timings_s"]) == 1
+    assert {t["target"] for t in payload["targets"]} == {1.01, 1.05, 0.5}
+    assert "End of training" in table and "inside the SWA callback's own hooks" in table
+
+
+def test_interleave_rotates_the_first_variant_and_drops_warmup():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
+    out = bench.interleave(variants, repeats=2, warmup=1)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # Measurements of rounds 2 and 3 only (the call counter at each call).
+    assert out == {"a": [6, 8], "b": [4, 9], "c": [5, 7]}
+
+
+def test_summary_and_paired_ratio_statistics():
+    stats = bench.summarize([4.0, 1.0, 3.0, 2.0])
+    assert stats["median"] == 2.5
+    assert (stats["min"], stats["max"], stats["count"]) == (1.0, 4.0, 4)
+    assert (stats["p25"], stats["p75"]) == (1.75, 3.25)
+    # Per-round ratios 2, 1 and 4: the median is 2, unlike the ratio of medians (4 / 2).
+    assert bench.paired_ratio([2.0, 4.0, 4.0], [1.0, 4.0, 1.0]) == 2.0
+    with pytest.raises(ValueError, match="as many numerators"):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats=0"], "Received: repeats=0"),
+        (["--warmup=-1"], "Received: warmup=-1"),
+        (["--output_dir="], "Received: output_dir=''"),
+    ],
+)
+def test_bad_flags_are_rejected_with_the_value(argv, message):
+    bench.FLAGS(["benchmark"] + argv)
+    try:
+        with pytest.raises(app.UsageError, match=message):
+            bench.validate_common_flags()
+    finally:
+        bench.FLAGS.unparse_flags()
