@@ -251,15 +251,26 @@ class AveragedWeights(tf.Module):
 
     @staticmethod
     def _make_update(mode, decay):
-        def update_all(averages, variables, n_averaged):
+        def update_all(averages, variables, n_averaged, check_finite=False):
+            # One fused pass: with `check_finite`, a capture holding NaN/Inf leaves every
+            # average and the count as they were, and the per-variable flags are returned.
             n = n_averaged.read_value()
+            if check_finite:
+                flags = _finite_flags(variables)
+                ok = tf.reduce_all(flags)
             for average, variable in zip(averages, variables):
                 if mode == "swa":
                     new = averaging.swa_update(average, variable, n)
                 else:
                     new = averaging.ema_update(average, variable, decay, n)
+                if check_finite:
+                    new = tf.where(ok, new, average)
                 average.assign(new)
+            if check_finite:
+                n_averaged.assign_add(tf.cast(ok, n_averaged.dtype))
+                return flags
             n_averaged.assign_add(1)
+            return tf.constant(True, shape=[1])
 
         return update_all
 
@@ -294,34 +305,46 @@ class AveragedWeights(tf.Module):
             FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
                 averages and `n_averaged` are left untouched.
         """
-        if self._nonfinite != "ignore":
-            if tf.executing_eagerly():
-                flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
-                if not flags.all():
-                    bad = self._source.variables[int((~flags).argmax())]
-                    message = (
-                        f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of "
-                        f"{len(flags)} variables, first {_variable_name(bad)!r}: this capture "
-                        f"would poison the average (n_averaged={int(self.n_averaged.numpy())} "
-                        "kept as it is)."
-                    )
-                    if self._nonfinite == "raise":
-                        raise FloatingPointError(message)
-                    warnings.warn(message + " The capture is skipped.", stacklevel=2)
-                    return False
-            else:
-                finite = tf.reduce_all(self._finite_fn(list(self._tf_variables.variables)))
+        check = self._nonfinite != "ignore"
+        if not self._distributed:
+            flags = self._update_fn(
+                list(self.averages), list(self._tf_variables.variables), self.n_averaged, check
+            )
+            if not check:
+                return True if tf.executing_eagerly() else None
+            if not tf.executing_eagerly():
                 if self._nonfinite == "raise":
-                    with tf.control_dependencies(
-                        [tf.debugging.Assert(finite, ["Non-finite weights: capture refused."])]
-                    ):
-                        self._apply_update()
-                else:
-                    tf.cond(finite, lambda: self._apply_update() or tf.constant(True),
-                            lambda: tf.constant(False))
+                    tf.debugging.Assert(
+                        tf.reduce_all(flags), ["Non-finite weights: SWA capture refused."]
+                    )
                 return None
+            return self._finite_or_report(flags.numpy())
+        if check:
+            if not tf.executing_eagerly():
+                finite = tf.reduce_all(self._finite_fn(list(self._tf_variables.variables)))
+                tf.debugging.Assert(finite, ["Non-finite weights: SWA capture refused."])
+                self._apply_update()
+                return None
+            flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
+            if not self._finite_or_report(flags):
+                return False
         self._apply_update()
         return True if tf.executing_eagerly() else None
+
+    def _finite_or_report(self, flags):
+        """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""
+        if flags.all():
+            return True
+        bad = self._source.variables[int((~flags).argmax())]
+        message = (
+            f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of {len(flags)} "
+            f"variables, first {_variable_name(bad)!r}: this capture would poison the average "
+            f"(n_averaged={int(self.n_averaged.numpy())} kept as it is)."
+        )
+        if self._nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message + " The capture is skipped.", stacklevel=3)
+        return False
 
     def _apply_update(self):
         if not self._distributed:
@@ -339,6 +362,8 @@ class AveragedWeights(tf.Module):
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""
+        for average in self.averages:
+            average.assign(tf.zeros_like(average))
         self.n_averaged.assign(0)
 
     # ------------------------------------------------------------------ writing back

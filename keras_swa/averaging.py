@@ -20,9 +20,12 @@ __all__ = ["ema_update", "swa_update"]
 def swa_update(average, value, n_averaged):
     """Folds `value` into an equal-weight running mean of `n_averaged` earlier values.
 
+    Computed as the lerp `average + (value - average) * (1 / (n + 1))` with the weight a scalar,
+    so the whole update is one fused, memory-bound elementwise loop. With `n_averaged == 0` the
+    result is exactly `value` when `average` is 0 (`AveragedWeights` keeps unused averages at 0).
+
     Args:
-        average: float tensor, the mean of the `n_averaged` values so far (ignored when
-            `n_averaged` is 0).
+        average: float tensor, the mean of the `n_averaged` values so far.
         value: tensor of the same shape; cast to `average`'s dtype before the update, so that
             bf16/fp16 weights are averaged in fp32.
         n_averaged: integer (or float) scalar tensor, how many values `average` holds.
@@ -39,13 +42,15 @@ def swa_update(average, value, n_averaged):
     [2.0, 4.0]
     """
     value = tf.cast(value, average.dtype)
-    n = tf.cast(n_averaged, average.dtype)
-    # `where` makes the first update an exact copy even if `average` holds garbage.
-    return tf.where(n > 0, average + (value - average) / (n + 1), value)
+    weight = 1.0 / (tf.cast(n_averaged, average.dtype) + 1.0)
+    return average + (value - average) * weight
 
 
 def ema_update(average, value, decay, n_averaged):
     """Folds `value` into an exponential moving average; the first update copies `value`.
+
+    Computed as `average + (value - average) * (1 - d)` with `d = decay`, or `d = 0` for the
+    first update (`n_averaged == 0`), which then gives exactly `value` when `average` is 0.
 
     Args:
         average: float tensor, the current moving average.
@@ -54,7 +59,7 @@ def ema_update(average, value, decay, n_averaged):
         n_averaged: integer scalar tensor, how many values were folded in so far.
 
     Returns:
-        `decay * average + (1 - decay) * value`, or `value` when `n_averaged` is 0.
+        `decay * average + (1 - decay) * value`, or `value` for the first update.
 
     Example:
 
@@ -64,5 +69,6 @@ def ema_update(average, value, decay, n_averaged):
     [3.0]
     """
     value = tf.cast(value, average.dtype)
-    n = tf.cast(n_averaged, average.dtype)
-    return tf.where(n > 0, decay * average + (1 - decay) * value, value)
+    first = tf.cast(tf.equal(tf.cast(n_averaged, tf.int64), 0), average.dtype)
+    keep = decay * (1.0 - first)
+    return average + (value - average) * (1.0 - keep)

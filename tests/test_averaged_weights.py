@@ -63,6 +63,7 @@ def test_update_is_one_compiled_call_that_never_retraces():
         list(averaged.averages),
         [tf_variable(v) for v in averaged.tracked_variables],
         averaged.n_averaged,
+        True,
     )(stage="hlo")
     assert "HloModule" in hlo
 
