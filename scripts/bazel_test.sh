@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything and runs every test under Bazel, offline: `bazel test //...` with Debian's
 # bazel-bootstrap (4.2.3) and the project's venv (${KERAS_SWA_VENV:-.venv}, made by setup_env.sh).
-# Each tests/test_*.py runs twice, with Keras 3 and with tf_keras. Extra arguments go to
+# Each tests/test_*.py runs with Keras 3 (tf_keras twins are manual targets). Extra arguments go to
 # `bazel test` (e.g. `bash scripts/bazel_test.sh --test_output=all`; targets default to //...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
