@@ -252,6 +252,10 @@ class SWA(keras.callbacks.Callback):
         self._start_epoch = None  # resolved at train begin
         self._start_iteration = start_step  # optimizer.iterations when the SWA phase begins
         self._last_swa_step = 0
+        self._cyclic = None  # the Cyclic schedule, built at train begin
+        self._known_iteration = None  # optimizer.iterations as last read within this epoch
+        self._current_lr = None  # the learning rate this callback last set
+        self._lr_applied = False
 
         # Batch hooks are bound per instance, only when needed: a callback that overrides
         # `on_train_batch_end` turns off Keras' asynchronous dispatch for the whole fit.
@@ -397,6 +401,8 @@ class SWA(keras.callbacks.Callback):
                 "pass `steps_per_epoch` to fit or use `cycle_unit='step'`. "
                 f"Received: steps per epoch={self._steps_per_epoch!r}"
             )
+        self._cyclic = self._schedule()
+        self._lr_applied = False
         if self.averaged is None:
             self.averaged = AveragedWeights(
                 model,
@@ -496,10 +502,18 @@ class SWA(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._maybe_restore()
+        self._known_iteration = None
         if self._start_epoch is not None and epoch == self._start_epoch:
             self._start_iteration = self._iterations()
-        if self._in_swa_phase() and self.swa_lr is not None and self.swa_lr_min is None:
+        if (
+            self._start_epoch is not None
+            and epoch >= self._start_epoch
+            and self.swa_lr is not None
+            and self.swa_lr_min is None
+        ):
             backend.set_learning_rate(self.model.optimizer, self.swa_lr)
+            self._current_lr = self.swa_lr
+            self._lr_applied = True
 
     def on_epoch_end(self, epoch, logs=None):
         if (
@@ -548,17 +562,25 @@ class SWA(keras.callbacks.Callback):
             self._start_iteration = self.start_step
         if not self._in_swa_phase() or self.swa_lr is None:
             return
-        swa_step = self._iterations() - self._start_iteration + 1  # the step about to run
+        if self._cyclic is None and self._lr_applied:
+            return  # constant swa_lr, already in the optimizer
+        iteration = self._known_iteration
+        if iteration is None:
+            iteration = self._iterations()
+        swa_step = iteration - self._start_iteration + 1  # the step about to run
         if swa_step < 1:
             return
-        schedule = self._schedule()
-        lr = self.swa_lr if schedule is None else float(schedule(swa_step - 1))
+        lr = self.swa_lr if self._cyclic is None else float(self._cyclic(swa_step - 1))
         backend.set_learning_rate(self.model.optimizer, lr)
+        self._current_lr = lr
+        self._lr_applied = True
 
     def _capture_on_step_cycle(self, batch, logs=None):
+        # One read of the step counter per step; the next batch-begin hook reuses it.
+        iteration = self._known_iteration = self._iterations()
         if not self._in_swa_phase():
             return
-        swa_step = self._iterations() - self._start_iteration
+        swa_step = iteration - self._start_iteration
         if swa_step < 1:
             return
         previous, self._last_swa_step = self._last_swa_step, swa_step
@@ -570,10 +592,11 @@ class SWA(keras.callbacks.Callback):
                 f"SWA missed a cycle end: the last capture check was at SWA step {previous} "
                 f"and this one is at {swa_step} with cycle_length={self.cycle_length}."
             )
-        self._capture(None)
+        self._capture(None, iteration)
 
-    def _capture(self, epoch):
-        step = self._iterations()
+    def _capture(self, epoch, step=None):
+        if step is None:
+            step = self._iterations()
         where = f"epoch {epoch + 1}" if epoch is not None else f"step {step}"
         try:
             captured = self.averaged.update()
@@ -581,9 +604,13 @@ class SWA(keras.callbacks.Callback):
             raise FloatingPointError(f"SWA capture at {where} (optimizer step {step}): {e}") from e
         if not captured:
             return
-        lr = backend.get_learning_rate(self.model.optimizer)
+        if self._current_lr is not None and self.swa_lr is not None:
+            lr = self._current_lr  # set by this callback: no need to ask the optimizer
+        else:
+            lr = backend.get_learning_rate(self.model.optimizer)
         self.captures.append((epoch, step, lr))
-        self._log(
-            f"SWA: captured weights at {where} "
-            f"(n_averaged={int(self.averaged.n_averaged.numpy())}, learning_rate={lr:.6g})."
-        )
+        if self.verbose:
+            self._log(
+                f"SWA: captured weights at {where} "
+                f"(n_averaged={int(self.averaged.n_averaged.numpy())}, learning_rate={lr:.6g})."
+            )

@@ -433,3 +433,15 @@ def test_swap_averaged_weights_for_model_checkpoint(tmp_path):
             np.testing.assert_array_equal(u, v)
     with pytest.raises(TypeError, match="swa="):
         SwapAveragedWeights("not a callback")
+
+
+def test_constant_swa_lr_from_a_start_step():
+    x, y = _data(13)
+    model = _dense_model(lr=0.1)
+    swa = SWA(start_step=6, cycle_unit="step", cycle_length=2, swa_lr=0.01, verbose=0)
+    rec = Recorder(per_step=True)
+    model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[swa, rec], verbose=0, shuffle=False)
+    for it, lr, _ in rec.steps:
+        assert lr == pytest.approx(0.1 if it <= 6 else 0.01), (it, lr)
+    assert [step for _, step, _ in swa.captures] == [8, 10, 12]
+    _assert_weights(model, _mean([snap for it, _, snap in rec.steps if it in (8, 10, 12)]))
