@@ -8,6 +8,8 @@ arXiv 1803.05407. The public names:
 - `update_bn`: recompute BatchNorm statistics for the averaged weights.
 - `export_saved_model`: write a SavedModel that serves without keras_swa.
 - `SwapAveragedWeights`: the average in the model at epoch ends (for `ModelCheckpoint`).
+- `SWAG`: SWA-Gaussian uncertainty (Maddox et al. 2019) on the same captures.
+- `FGE`: fast geometric ensembles (Garipov et al. 2018) of the cycle-minimum snapshots.
 - `schedules`: SWA learning-rate schedules (`Cyclic`, `Constant`, `Anneal`, `PaperSchedule`,
   `Triangular`).
 """
@@ -17,12 +19,16 @@ from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.batch_norm import update_bn
 from keras_swa.callback import SWA
 from keras_swa.export import export_saved_model
+from keras_swa.fge import FGE
+from keras_swa.swag import SWAG
 from keras_swa.swap import SwapAveragedWeights
 from keras_swa.version import __version__
 
 __all__ = [
     "AveragedWeights",
+    "FGE",
     "SWA",
+    "SWAG",
     "SwapAveragedWeights",
     "__version__",
     "export_saved_model",

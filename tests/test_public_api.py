@@ -12,7 +12,9 @@ from keras_swa.backend import keras
 
 PUBLIC = {
     "AveragedWeights",
+    "FGE",
     "SWA",
+    "SWAG",
     "SwapAveragedWeights",
     "__version__",
     "export_saved_model",
@@ -29,6 +31,8 @@ MODULES = [
     "keras_swa.schedules",
     "keras_swa.backup",
     "keras_swa.swap",
+    "keras_swa.swag",
+    "keras_swa.fge",
 ]
 
 
