@@ -48,3 +48,27 @@ def test_killed_and_restarted_run_matches_uninterrupted(where, reference, tmp_pa
     # The job finished cleanly: the SavedModel is complete and SWA's backup is gone.
     assert os.path.exists(tmp_path / "model" / "saved_model.pb")
     assert not os.path.exists(tmp_path / "backup" / "keras_swa")
+
+
+CUSTOM_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jobs", "custom_loop_job.py")
+
+
+def test_custom_loop_with_checkpoint_manager_resumes_exactly(tmp_path):
+    def run(work, *extra):
+        args = [sys.executable, CUSTOM_JOB, str(work)] + list(extra)
+        if not IS_KERAS_3:
+            args.append("--legacy")
+        return subprocess.run(args, capture_output=True, text=True, timeout=240)
+
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    done = run(reference_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run(tmp_path, "--kill")
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    resumed = run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, result = _result(reference_dir), _result(tmp_path)
+    assert int(result["n"]) == int(reference["n"]) == 4
+    for k in sorted(k for k in reference if k.startswith("arr_")):
+        np.testing.assert_allclose(result[k], reference[k], rtol=1e-6, atol=1e-6)
