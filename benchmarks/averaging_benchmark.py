@@ -15,7 +15,17 @@ write `avg`). This benchmark times one full update of all averages, side by side
 - `torch get_swa_multi_avg_fn (foreach lerp)`: torch's own multi-tensor SWA update on torch
   tensors of the same shapes, when torch is importable (`pip install torch`; optional);
 - `torch flat lerp_ (reference)`: one `lerp_` over one flat torch buffer, the hardware's
-  memory-bound floor as torch reaches it (reference only).
+  memory-bound floor as torch reaches it (reference only);
+- with `--num_replicas=N` (N > 1): `MirroredStrategy N replicas: AveragedWeights.update()` (with
+  and without the NaN/Inf check). The CPU is split into N logical devices before TensorFlow
+  initialises, the same weights are created as mirrored variables under
+  `tf.distribute.MirroredStrategy` on those devices, and `AveragedWeights` is created under its
+  scope, so one `update()` folds every replica's copy into that replica's averages. The replicas
+  run concurrently, so the time per replica is the measured time of one `update()` (reported as
+  measured, not divided by N); `x single device` is its ratio to the single-device `update()`
+  of the same run (variables created outside the strategy, on the first logical device). The
+  logical devices share the same physical cores, so N replicas move N times the bytes through
+  the same memory bandwidth.
 
 The shapes are read from `keras.applications.ResNet50(weights=None)` (no download). Targets,
 stated in the output: the product within 1.2x of the floor, and no slower than torch's foreach.
@@ -25,10 +35,11 @@ on a shared machine) are reported beside them.
 Run (from the repository root):
 
     python -m benchmarks.averaging_benchmark
+    python -m benchmarks.averaging_benchmark --num_replicas=2
 
 Smoke test (a few small tensors, seconds):
 
-    python -m benchmarks.averaging_benchmark --quick --output_dir /tmp/bench
+    python -m benchmarks.averaging_benchmark --quick --num_replicas=2 --output_dir /tmp/bench
 """
 
 import os
@@ -53,6 +64,12 @@ flags.DEFINE_integer(
     24,
     "With --quick, how many of ResNet-50's trainable tensors (the first ones) are averaged.",
 )
+flags.DEFINE_integer(
+    "num_replicas",
+    1,
+    "With N > 1, also time `AveragedWeights.update()` under `tf.distribute.MirroredStrategy` on "
+    "N logical CPU devices (the CPU is split before TensorFlow initialises).",
+)
 flags.DEFINE_bool(
     "torch",
     True,
@@ -66,6 +83,8 @@ FLOOR = "floor: one flat jit lerp (TF/XLA)"
 NAIVE = "naive per-variable tf.function loop"
 TORCH_FOREACH = "torch get_swa_multi_avg_fn (foreach lerp)"
 TORCH_FLAT = "torch flat lerp_ (reference)"
+MIRRORED = "MirroredStrategy {} replicas: AveragedWeights.update()"
+MIRRORED_NO_CHECK = 'MirroredStrategy {} replicas: AveragedWeights(nonfinite="ignore").update()'
 
 TARGET_RATIO_TO_FLOOR = 1.2
 TARGET_RATIO_TO_TORCH = 1.0
@@ -92,6 +111,32 @@ def _timed(fn):
 def make_product(sources, **kwargs):
     averaged = AveragedWeights(sources, **kwargs)
     return averaged.update
+
+
+def split_cpu(num_replicas):
+    """Splits the first physical CPU into `num_replicas` logical devices (before TF starts)."""
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_replicas
+    )
+    return [f"/cpu:{i}" for i in range(num_replicas)]
+
+
+def make_mirrored_products(devices, arrays):
+    """Mirrored copies of `arrays` and `AveragedWeights` over them, both made under the scope.
+
+    Returns the `update` of the default (checked) and of the `nonfinite="ignore"` averages.
+    """
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        sources = [tf.Variable(a, trainable=False) for a in arrays]
+        checked = AveragedWeights(sources)
+        unchecked = AveragedWeights(sources, nonfinite="ignore")
+    if strategy.num_replicas_in_sync != len(devices):
+        raise RuntimeError(
+            f"Expected {len(devices)} replicas. Received: {strategy.num_replicas_in_sync}"
+        )
+    return checked.update, unchecked.update
 
 
 def make_floor(arrays):
@@ -171,6 +216,14 @@ def _verdict(ok):
 
 def main(_):
     bench.validate_common_flags()
+    if FLAGS.num_replicas < 1:
+        raise app.UsageError(
+            "`--num_replicas` must be a positive integer. "
+            f"Received: num_replicas={FLAGS.num_replicas}"
+        )
+    num_replicas = FLAGS.num_replicas
+    # Before anything initialises TensorFlow's devices (building ResNet-50 below does).
+    devices = split_cpu(num_replicas) if num_replicas > 1 else None
     if FLAGS.quick_num_tensors < 1:
         raise app.UsageError(
             "`--quick_num_tensors` must be a positive integer. "
@@ -200,6 +253,23 @@ def main(_):
         NAIVE: _timed(make_naive(sources)),
     }
     notes = []
+    mirrored_pairs = {}  # mirrored row -> its single-device row
+    if devices is not None:
+        checked, unchecked = make_mirrored_products(devices, arrays)
+        variants[MIRRORED.format(num_replicas)] = _timed(checked)
+        variants[MIRRORED_NO_CHECK.format(num_replicas)] = _timed(unchecked)
+        mirrored_pairs = {
+            MIRRORED.format(num_replicas): PRODUCT,
+            MIRRORED_NO_CHECK.format(num_replicas): PRODUCT_NO_CHECK,
+        }
+        notes.append(
+            f"MirroredStrategy rows: {num_replicas} logical CPU devices on the same "
+            f"{machine['cpu_count']} physical CPUs; the replicas update concurrently, so the "
+            "time per replica is the measured time of one update() (not divided by "
+            f"{num_replicas}); `x single device` is the median per-round ratio to the "
+            "single-device update() of this run, which moves 1/"
+            f"{num_replicas} of the bytes."
+        )
     torch, why_not = _import_torch()
     if torch is None:
         notes.append(f"torch rows skipped: {why_not}.")
@@ -225,6 +295,14 @@ def main(_):
             "ratio_of_minimums_to_floor": stats["min"] / min(floor),
             "effective_gib_per_s": 3 * num_floats * 4 / stats["median"] / 2**30,
         }
+        if name in mirrored_pairs:
+            single = mirrored_pairs[name]
+            row["replicas"] = num_replicas
+            row["per_replica_ms"] = row["median_ms"]  # concurrent replicas: as measured
+            row["single_device_variant"] = single
+            row["ratio_to_single_device"] = bench.paired_ratio(samples, timings[single])
+            row["ratio_of_minimums_to_single_device"] = stats["min"] / min(timings[single])
+            row["effective_gib_per_s"] *= num_replicas
         if torch is not None:
             row["ratio_to_torch_foreach"] = bench.paired_ratio(samples, timings[TORCH_FOREACH])
             row["ratio_of_minimums_to_torch_foreach"] = stats["min"] / min(timings[TORCH_FOREACH])
@@ -269,21 +347,26 @@ def main(_):
         "x floor",
         "x torch foreach",
     ]
+    if mirrored_pairs:
+        headers.append("x single device")
     rows = []
     for r in results:
         vs_torch = f"{r['ratio_to_torch_foreach']:.2f}" if "ratio_to_torch_foreach" in r else "n/a"
-        rows.append(
-            [
-                r["name"],
-                f"{r['median_ms']:.2f}",
-                f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
-                f"{r['min_ms']:.2f}",
-                f"{r['ratio_to_floor']:.2f}",
-                vs_torch,
-            ]
-        )
+        row = [
+            r["name"],
+            f"{r['median_ms']:.2f}",
+            f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
+            f"{r['min_ms']:.2f}",
+            f"{r['ratio_to_floor']:.2f}",
+            vs_torch,
+        ]
+        if mirrored_pairs:
+            row.append(
+                f"{r['ratio_to_single_device']:.2f}" if "ratio_to_single_device" in r else ""
+            )
+        rows.append(row)
     if torch is None:
-        rows.append([TORCH_FOREACH, "skipped", "", "", "", why_not])
+        rows.append([TORCH_FOREACH, "skipped", "", "", "", why_not] + [""] * bool(mirrored_pairs))
     lines = [
         f"# SWA averaging update: {len(shapes)} ResNet-50 tensors, {num_floats:,} floats"
         + (" (--quick subset)" if FLAGS.quick else ""),
@@ -332,6 +415,8 @@ def main(_):
             "repeats": repeats,
             "warmup": warmup,
             "num_tensors": len(shapes),
+            "num_replicas": num_replicas,
+            "replica_devices": devices or [],
             "num_floats": num_floats,
             "shapes_from": "keras.applications.ResNet50(weights=None).trainable_weights",
             "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),

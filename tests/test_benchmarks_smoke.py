@@ -8,8 +8,10 @@ checked in-process against hand-computed numbers.
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 from absl import app
@@ -105,6 +107,76 @@ def test_averaging_benchmark_quick(tmp_path):
         assert torch_row not in results
         assert any(note.startswith("torch rows skipped") for note in payload["notes"])
         assert "skipped" in table
+
+
+def test_averaging_benchmark_quick_with_mirrored_replicas(tmp_path):
+    output_dir = _run_benchmark(
+        "benchmarks.averaging_benchmark",
+        tmp_path,
+        "--repeats",
+        "2",
+        "--num_replicas=2",
+        "--notorch",
+        "--quick_num_tensors=4",
+    )
+    payload, table = _check_files(output_dir, "averaging_benchmark")
+    results = {r["name"]: r for r in payload["results"]}
+    pairs = {
+        "MirroredStrategy 2 replicas: AveragedWeights.update()": (
+            "keras_swa AveragedWeights.update()"
+        ),
+        'MirroredStrategy 2 replicas: AveragedWeights(nonfinite="ignore").update()': (
+            'keras_swa AveragedWeights(nonfinite="ignore").update()'
+        ),
+    }
+    assert "| x single device |" in table
+    for mirrored, single in pairs.items():
+        assert mirrored in table and single in results
+        row = results[mirrored]
+        assert len(row["timings_s"]) == 2 and row["replicas"] == 2
+        assert row["single_device_variant"] == single
+        assert row["per_replica_ms"] == row["median_ms"]  # concurrent replicas: as measured
+        # The ratio is the median of per-round ratios to the single-device row of the same run.
+        per_round = sorted(
+            a / b for a, b in zip(row["timings_s"], results[single]["timings_s"])
+        )
+        assert row["ratio_to_single_device"] == pytest.approx(sum(per_round) / 2)
+    assert payload["config"]["num_replicas"] == 2
+    assert payload["config"]["replica_devices"] == ["/cpu:0", "/cpu:1"]
+    assert payload["config"]["num_tensors"] == 4
+    assert any("MirroredStrategy rows" in note for note in payload["notes"])
+
+
+def test_multi_worker_benchmark_quick(tmp_path):
+    start = time.perf_counter()
+    output_dir = _run_benchmark("benchmarks.multi_worker_benchmark", tmp_path)
+    assert time.perf_counter() - start < 60
+    payload, table = _check_files(output_dir, "multi_worker_benchmark")
+    plain = "plain fit (2 workers)"
+    swa = "SWA, capture every epoch, bn_data (2 workers)"
+    results = {r["name"]: r for r in payload["results"]}
+    assert set(results) == {plain, swa}
+    config = payload["config"]
+    assert config["num_workers"] == 2 and config["num_replicas_in_sync"] == 2
+    assert (config["repeats"], config["warmup"]) == (1, 0)
+    # The workers always train with tf_keras, whichever Keras this test runs.
+    assert payload["versions"]["keras_flavour"] == "tf_keras (Keras 2)"
+    for name in (plain, swa):
+        row = results[name]
+        assert name in table
+        # One measured round; each fit's first epoch is not timed.
+        assert len(row["timings_s"]) == config["epochs_per_fit"] - 1
+        # One round: the ratio is the ratio of the two fits' median epoch times.
+        expected = statistics.median(row["timings_s"]) / statistics.median(
+            results[plain]["timings_s"]
+        )
+        assert row["ratio_to_plain_epoch"] == pytest.approx(expected)
+        assert len(row["train_end_s"]) == 1 and len(row["per_worker_epoch_median_s"]) == 2
+    assert results[plain]["ratio_to_plain_epoch"] == 1.0
+    # SWA's on_train_end writes the averages and runs the BN pass over bn_data: it takes time.
+    assert results[swa]["train_end_median_s"] > results[plain]["train_end_median_s"]
+    assert len(payload["workers"]) == 2
+    assert "End of training" in table
 
 
 def test_fit_overhead_benchmark_quick(tmp_path):
