@@ -1,0 +1,740 @@
+"""Does SWA generalise better than SGD at the same training budget? The paper's Table 1, measured.
+
+The protocol follows Izmailov et al. (2018), Section 5.1 and the paper's code
+(github.com/timgaripov/swa). For each seed:
+
+- SGD baseline: SGD with momentum 0.9 and weight decay (an L2 kernel penalty with gradient
+  `wd * w`, torch's `weight_decay`), trained for a budget of `B` epochs with the paper's schedule
+  `keras_swa.schedules.PaperSchedule(lr_init, 0.01 * lr_init, swa_start=B epochs)`: flat for 50%
+  of the budget, linear down to 1% of `lr_init` by 90%, flat after that. Its final iterate is the
+  "SGD" row.
+- Keras EMA (what a Keras user would pick instead of SWA): the same SGD run uses
+  `SGD(..., use_ema=True, ema_momentum=--ema_momentum)`; the EMA changes nothing about training
+  (`ema_overwrite_frequency=None`). After training, `optimizer.finalize_variable_values(...)` puts
+  the EMA weights into the model (Keras' `fit` does the same at its end). Keras averages only the
+  trainable weights, so the BatchNorm statistics are those of the SGD iterates: that is the
+  "EMA" row. "EMA + update_bn" recomputes them for the EMA weights with `keras_swa.update_bn`.
+- SWA: ONE run from the same initialisation, with `PaperSchedule(lr_init, swa_lr, swa_start=S)`
+  (the pre-SWA schedule that reaches `swa_lr = --swa_lr_ratio * lr_init` at the SWA start
+  `S = round(--swa_start * B)` epochs, then constant `swa_lr`, or with `--cyclic` the paper's
+  cyclic schedule down to `--swa_lr_ratio_min * lr_init` within each epoch) and the
+  `keras_swa.SWA` callback capturing the weights once per epoch from epoch `S` on. The run lasts
+  `1.5 B` epochs; at `B`, `1.25 B` and `1.5 B` epochs the averages are written into a COPY of the
+  model (`keras.models.clone_model`, never the model being trained), the copy's BN statistics are
+  recomputed with `keras_swa.update_bn` on the training images, and the copy is evaluated:
+  the "SWA" rows at budgets 1, 1.25 and 1.5 from one run, without disturbing training.
+  The same is done after every epoch of the SWA phase for the curve of the plot.
+- Ablation at budget 1: the averages with the BN statistics of the current SGD iterate of the SWA
+  run (no BN recompute).
+
+Hyperparameters other than SWA's (set by the paper's rules: start at 0.8 B, `swa_lr` 0.1-0.5x
+`lr_init`, one capture per epoch) may be tuned with `--validation_size N`, which holds out `N`
+training images (disjoint from the training subset) and reports on them instead of the test set.
+Tune on that, never on the test set.
+
+Outputs in `--output_dir`: `accuracy_benchmark.json` (configuration, machine, versions, every
+per-seed number and curve, mean +- std), `accuracy_benchmark.md` (a table shaped like the paper's
+Table 1, with training accuracy beside) and `accuracy_benchmark.png` (test error against epoch
+for SGD and SWA, the shape of the paper's Figure 2).
+
+Default run (Fashion-MNIST from Debian's dataset-fashion-mnist, PreResNet width 32 on a
+15000-image training subset, B = 30 epochs, 3 seeds; 2.5 B = 75 epochs per seed). Measured on a
+shared, busy 2-core machine: 55-85 s per epoch, so roughly 80 minutes per seed; the issue's probe
+reported about 40 minutes per seed on an idle one:
+
+    python -m benchmarks.accuracy_benchmark
+
+CIFAR-10 (a local copy of the python batches; nothing is downloaded):
+
+    python -m benchmarks.accuracy_benchmark --dataset cifar10 --data_dir ~/data --model vgg \
+        --train_size 0 --budget 100
+
+Smoke test (a tiny subset and a few epochs, well under 2 minutes):
+
+    python -m benchmarks.accuracy_benchmark --quick --output_dir /tmp/bench
+
+Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+UAI 2018, arXiv 1803.05407.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import keras_swa  # noqa: E402
+from benchmarks import data as data_lib  # noqa: E402
+from benchmarks import flags as bench  # noqa: E402
+from benchmarks import models as models_lib  # noqa: E402
+from keras_swa.backend import keras  # noqa: E402
+
+FLAGS = flags.FLAGS
+NAME = "accuracy_benchmark"
+
+flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "The data set.")
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Folder with the data files. Fashion-MNIST defaults to /usr/share/datasets/fashion-mnist "
+    "(Debian's dataset-fashion-mnist); CIFAR needs the folder holding cifar-10-batches-py/ or "
+    "cifar-100-python/.",
+)
+flags.DEFINE_enum("model", "preresnet", list(models_lib.MODELS), "The network.")
+flags.DEFINE_integer("width", None, "Filters of the first stage. Defaults to 32 (4 with --quick).")
+flags.DEFINE_integer("blocks_per_stage", 1, "Pre-activation blocks per stage (preresnet).")
+flags.DEFINE_integer(
+    "train_size",
+    None,
+    "Training images used (a fixed random subset, --data_seed); 0 for all. Defaults to 15000 "
+    "(256 with --quick).",
+)
+flags.DEFINE_integer(
+    "validation_size",
+    0,
+    "If positive, hold out this many training images (disjoint from the training subset) and "
+    "report on them instead of the test set: use this, never the test set, to tune.",
+)
+flags.DEFINE_integer(
+    "test_size", None, "Test images used; 0 for all. Defaults to 0 (256 with --quick)."
+)
+flags.DEFINE_integer(
+    "budget", None, "The SGD budget B in epochs (SWA runs to 1.5 B). Defaults to 30 (4 with --quick)."
+)
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_float("lr_init", 0.1, "Initial learning rate of SGD.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 3e-4, "Weight decay (L2 gradient wd * w on the kernels).")
+flags.DEFINE_float("swa_start", 0.8, "SWA start as a fraction of the budget B.")
+flags.DEFINE_float("swa_lr_ratio", 0.2, "swa_lr / lr_init.")
+flags.DEFINE_bool("cyclic", False, "Cyclic SWA learning rate (one cycle per epoch) instead of constant.")
+flags.DEFINE_float("swa_lr_ratio_min", 0.01, "With --cyclic: the cycle's lowest lr / lr_init.")
+flags.DEFINE_float("ema_momentum", 0.99, "ema_momentum of the Keras use_ema baseline.")
+flags.DEFINE_integer(
+    "swa_curve_every",
+    1,
+    "Evaluate the BN-fixed SWA copy every this many epochs of the SWA phase (the plot); the "
+    "budget marks are always evaluated.",
+)
+flags.DEFINE_string(
+    "augment",
+    "auto",
+    "'crop_flip', 'none' or 'auto' (crop_flip for CIFAR, none for Fashion-MNIST).",
+)
+flags.DEFINE_integer("seeds", None, "Number of seeds (mean +- std). Defaults to 3 (2 with --quick).")
+flags.DEFINE_integer("first_seed", 0, "The first seed; the others follow.")
+flags.DEFINE_integer("data_seed", 0, "Seed of the training/validation subset choice.")
+
+_STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+_EVAL_BATCH = 1000
+
+# (key, method, budget multiple) of the table rows, in order.
+ROWS = (
+    ("sgd", "SGD", 1.0),
+    ("swa_1", "SWA", 1.0),
+    ("swa_1.25", "SWA", 1.25),
+    ("swa_1.5", "SWA", 1.5),
+    ("swa_no_bn", "SWA without BN recompute (ablation)", 1.0),
+    ("ema", "Keras use_ema EMA (BN stats of the SGD run)", 1.0),
+    ("ema_bn", "Keras use_ema EMA + update_bn", 1.0),
+    ("swa_run_iterate", "SGD iterate at the end of the SWA run (swa_lr)", 1.5),
+)
+
+
+def _default(value, normal, quick):
+    if value is not None:
+        return value
+    return quick if FLAGS.quick else normal
+
+
+def resolve_config():
+    """The run's configuration (flags with their defaults resolved), validated."""
+    bench.validate_common_flags()
+    cfg = {
+        "quick": FLAGS.quick,
+        "dataset": FLAGS.dataset,
+        "data_dir": FLAGS.data_dir,
+        "model": FLAGS.model,
+        "width": _default(FLAGS.width, 32, 4),
+        "blocks_per_stage": FLAGS.blocks_per_stage,
+        "train_size": _default(FLAGS.train_size, 15000, 256),
+        "validation_size": FLAGS.validation_size,
+        "test_size": _default(FLAGS.test_size, 0, 256),
+        "budget": _default(FLAGS.budget, 30, 4),
+        "batch_size": FLAGS.batch_size if not FLAGS.quick else min(FLAGS.batch_size, 64),
+        "lr_init": FLAGS.lr_init,
+        "momentum": FLAGS.momentum,
+        "weight_decay": FLAGS.weight_decay,
+        "swa_start_fraction": FLAGS.swa_start,
+        "swa_lr_ratio": FLAGS.swa_lr_ratio,
+        "cyclic": FLAGS.cyclic,
+        "swa_lr_ratio_min": FLAGS.swa_lr_ratio_min if FLAGS.cyclic else None,
+        "ema_momentum": FLAGS.ema_momentum,
+        "swa_curve_every": FLAGS.swa_curve_every,
+        "seeds": _default(FLAGS.seeds, 3, 2),
+        "first_seed": FLAGS.first_seed,
+        "data_seed": FLAGS.data_seed,
+    }
+    augment = FLAGS.augment
+    if augment == "auto":
+        augment = "none" if cfg["dataset"] == "fashion_mnist" else "crop_flip"
+    if augment not in ("none", "crop_flip"):
+        raise app.UsageError(
+            f"`--augment` must be 'auto', 'none' or 'crop_flip'. Received: augment={augment!r}"
+        )
+    cfg["augment"] = augment
+    for key in ("width", "blocks_per_stage", "batch_size", "seeds", "swa_curve_every"):
+        if cfg[key] < 1:
+            raise app.UsageError(f"`--{key}` must be a positive integer. Received: {key}={cfg[key]}")
+    for key in ("train_size", "validation_size", "test_size", "data_seed", "first_seed"):
+        if cfg[key] < 0:
+            raise app.UsageError(
+                f"`--{key}` must be a non-negative integer. Received: {key}={cfg[key]}"
+            )
+    if cfg["budget"] < 4:
+        raise app.UsageError(
+            "`--budget` must be at least 4 epochs (the SWA start and the budget marks 1, 1.25 "
+            f"and 1.5 must be distinct epochs). Received: budget={cfg['budget']}"
+        )
+    for key in ("lr_init", "swa_lr_ratio"):
+        if not cfg[key] > 0:
+            raise app.UsageError(f"`--{key}` must be positive. Received: {key}={cfg[key]}")
+    if not 0.0 <= cfg["momentum"] < 1.0:
+        raise app.UsageError(f"`--momentum` must be in [0, 1). Received: momentum={cfg['momentum']}")
+    if cfg["weight_decay"] < 0:
+        raise app.UsageError(
+            f"`--weight_decay` must be non-negative. Received: weight_decay={cfg['weight_decay']}"
+        )
+    if not 0.0 <= cfg["ema_momentum"] < 1.0:
+        raise app.UsageError(
+            f"`--ema_momentum` must be in [0, 1). Received: ema_momentum={cfg['ema_momentum']}"
+        )
+    if cfg["cyclic"] and not 0 < cfg["swa_lr_ratio_min"] <= cfg["swa_lr_ratio"]:
+        raise app.UsageError(
+            "`--swa_lr_ratio_min` must be in (0, swa_lr_ratio]. "
+            f"Received: swa_lr_ratio_min={cfg['swa_lr_ratio_min']}, "
+            f"swa_lr_ratio={cfg['swa_lr_ratio']}"
+        )
+    budget = cfg["budget"]
+    start = int(round(cfg["swa_start_fraction"] * budget))
+    if not 1 <= start < budget:
+        raise app.UsageError(
+            "`--swa_start` must put the SWA start at an epoch in [1, budget). "
+            f"Received: swa_start={cfg['swa_start_fraction']} (epoch {start}), budget={budget}"
+        )
+    cfg["swa_start_epoch"] = start
+    cfg["marks"] = {"1": budget, "1.25": int(round(1.25 * budget)), "1.5": int(round(1.5 * budget))}
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg):
+    """Loads, subsets and standardizes the data. Returns a dict of float32 arrays and labels."""
+    (x_train, y_train), (x_test, y_test) = data_lib.load_dataset(cfg["dataset"], cfg["data_dir"])
+    rng = np.random.RandomState(cfg["data_seed"])
+    order = rng.permutation(len(x_train))
+    n_val = cfg["validation_size"]
+    n_train = cfg["train_size"] or (len(x_train) - n_val)
+    if n_train + n_val > len(x_train):
+        raise app.UsageError(
+            f"`--train_size` + `--validation_size` exceed the {len(x_train)} training images. "
+            f"Received: train_size={cfg['train_size']}, validation_size={n_val}"
+        )
+    train_idx, val_idx = order[:n_train], order[n_train : n_train + n_val]
+    mean, std = _STATS[cfg["dataset"]]
+    out = {
+        "x_train": data_lib.standardize(x_train[train_idx], mean, std),
+        "y_train": y_train[train_idx],
+    }
+    if n_val:
+        out["eval_split"] = "validation"
+        out["x_eval"] = data_lib.standardize(x_train[val_idx], mean, std)
+        out["y_eval"] = y_train[val_idx]
+    else:
+        if cfg["test_size"]:
+            keep = np.random.RandomState(cfg["data_seed"] + 1).permutation(len(x_test))
+            keep = np.sort(keep[: cfg["test_size"]])
+            x_test, y_test = x_test[keep], y_test[keep]
+        out["eval_split"] = "test"
+        out["x_eval"] = data_lib.standardize(x_test, mean, std)
+        out["y_eval"] = y_test
+    return out
+
+
+def _train_dataset(data, cfg, seed):
+    ds = tf.data.Dataset.from_tensor_slices((data["x_train"], data["y_train"]))
+    ds = ds.shuffle(len(data["x_train"]), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(cfg["batch_size"])
+    if cfg["augment"] == "crop_flip":
+        ds = ds.map(models_lib.augment_crop_flip, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def _build(cfg, data):
+    return models_lib.build_model(
+        cfg["model"],
+        data["x_train"].shape[1:],
+        _NUM_CLASSES[cfg["dataset"]],
+        width=cfg["width"],
+        blocks_per_stage=cfg["blocks_per_stage"],
+        weight_decay=cfg["weight_decay"],
+    )
+
+
+def _compile(model, optimizer):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def _evaluation_copy(model):
+    """A second model of the same architecture, compiled for `evaluate` (never trained)."""
+    copy = keras.models.clone_model(model)
+    _compile(copy, keras.optimizers.SGD(0.0))
+    return copy
+
+
+def _accuracy(model, x, y):
+    result = model.evaluate(x, y, batch_size=_EVAL_BATCH, verbose=0, return_dict=True)
+    return float(result["accuracy"])
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints one line per epoch: run, epoch, metrics, elapsed time and ETA over the whole job."""
+
+    def __init__(self, total_epochs, eval_split):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self.eval_split = eval_split
+        self.done = 0
+        self.start = time.time()
+        self.label = ""
+        self.epochs = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.done += 1
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total_epochs - self.done)
+        print(
+            f"{self.label} epoch {epoch + 1}/{self.epochs} | loss {logs.get('loss', float('nan')):.4f}"
+            f" train acc {100 * logs.get('accuracy', float('nan')):.2f}%"
+            f" {self.eval_split} acc {100 * logs.get('val_accuracy', float('nan')):.2f}%"
+            f" | elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+            f" ({self.done}/{self.total_epochs} epochs)",
+            flush=True,
+        )
+
+
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _FinalIterate(keras.callbacks.Callback):
+    """At the last epoch: the training accuracy of the current iterate, measured on a copy."""
+
+    def __init__(self, copy, data, epochs):
+        super().__init__()
+        self.copy, self.data, self.epochs = copy, data, epochs
+        self.train_accuracy = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            self.copy.set_weights(self.model.get_weights())
+            self.train_accuracy = _accuracy(self.copy, self.data["x_train"], self.data["y_train"])
+
+
+class _SWAEvaluator(keras.callbacks.Callback):
+    """Evaluates a BN-fixed copy holding the SWA averages, without touching the trained model.
+
+    Must come after the `keras_swa.SWA` callback in the list (its capture of this epoch is done).
+    """
+
+    def __init__(self, swa, copy, data, cfg, log):
+        super().__init__()
+        self.swa, self.copy, self.data, self.cfg, self.log = swa, copy, data, cfg, log
+        self.marks = {epochs: key for key, epochs in cfg["marks"].items()}
+        self.curve = {}  # epoch -> eval accuracy of the BN-fixed average
+        self.at_marks = {}
+        self.no_bn = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        averaged = self.swa.averaged
+        n = int(averaged.n_averaged.numpy()) if averaged is not None else 0
+        if n == 0:
+            return
+        since_start = done - self.cfg["swa_start_epoch"] - 1
+        if done not in self.marks and since_start % self.cfg["swa_curve_every"]:
+            return
+        d = self.data
+        if self.marks.get(done) == "1":
+            # Ablation: the averages with the BN statistics of the current SGD iterate.
+            self.copy.set_weights(self.model.get_weights())
+            averaged.assign_to(self.copy)
+            self.no_bn = {
+                "eval_accuracy": _accuracy(self.copy, d["x_eval"], d["y_eval"]),
+                "train_accuracy": _accuracy(self.copy, d["x_train"], d["y_train"]),
+                "epochs": done,
+                "n_averaged": n,
+            }
+        averaged.assign_to(self.copy)
+        keras_swa.update_bn(self.copy, d["x_train"], batch_size=_EVAL_BATCH, verbose=0)
+        accuracy = _accuracy(self.copy, d["x_eval"], d["y_eval"])
+        self.curve[done] = accuracy
+        if done in self.marks:
+            self.at_marks[self.marks[done]] = {
+                "eval_accuracy": accuracy,
+                "train_accuracy": _accuracy(self.copy, d["x_train"], d["y_train"]),
+                "epochs": done,
+                "n_averaged": n,
+            }
+            self.log(
+                f"  SWA at budget {self.marks[done]} (epoch {done}, {n} captures): "
+                f"{d['eval_split']} acc {100 * accuracy:.2f}%"
+            )
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def run_sgd(seed, cfg, data, progress):
+    """The SGD baseline (paper schedule, B epochs) and the Keras use_ema EMA of the same run."""
+    keras.utils.set_random_seed(seed)
+    model = _build(cfg, data)
+    copy = _evaluation_copy(model)
+    steps = math.ceil(len(data["x_train"]) / cfg["batch_size"])
+    budget = cfg["budget"]
+    lr = keras_swa.schedules.PaperSchedule(
+        cfg["lr_init"], 0.01 * cfg["lr_init"], swa_start=budget * steps
+    )
+    optimizer = keras.optimizers.SGD(
+        lr, momentum=cfg["momentum"], use_ema=True, ema_momentum=cfg["ema_momentum"]
+    )
+    _compile(model, optimizer)
+    final = _FinalIterate(copy, data, budget)
+    progress.label, progress.epochs = f"[seed {seed}] SGD", budget
+    start = time.time()
+    history = model.fit(
+        _train_dataset(data, cfg, seed),
+        shuffle=False,  # the dataset shuffles itself (seeded)
+        epochs=budget,
+        validation_data=(data["x_eval"], data["y_eval"]),
+        validation_batch_size=_EVAL_BATCH,
+        callbacks=[final, progress],
+        verbose=0,
+    )
+    train_time = time.time() - start
+    curve = [float(a) for a in history.history["val_accuracy"]]
+    out = {
+        "sgd": {
+            "eval_accuracy": curve[-1],
+            "train_accuracy": final.train_accuracy,
+            "epochs": budget,
+        },
+        "sgd_curve": curve,
+        "sgd_train_loss": [float(v) for v in history.history["loss"]],
+        "sgd_train_time_s": train_time,
+    }
+    # Keras' fit already swapped the EMA weights in at its end; doing it again is idempotent and
+    # makes the protocol explicit. Keras averages only trainable weights: the BN statistics
+    # are still those of the SGD iterates.
+    optimizer.finalize_variable_values(model.trainable_variables)
+    copy.set_weights(model.get_weights())
+    out["ema"] = {
+        "eval_accuracy": _accuracy(copy, data["x_eval"], data["y_eval"]),
+        "train_accuracy": _accuracy(copy, data["x_train"], data["y_train"]),
+        "epochs": budget,
+    }
+    keras_swa.update_bn(copy, data["x_train"], batch_size=_EVAL_BATCH, verbose=0)
+    out["ema_bn"] = {
+        "eval_accuracy": _accuracy(copy, data["x_eval"], data["y_eval"]),
+        "train_accuracy": _accuracy(copy, data["x_train"], data["y_train"]),
+        "epochs": budget,
+    }
+    return out
+
+
+def run_swa(seed, cfg, data, progress, log):
+    """ONE SWA run to 1.5 B epochs, evaluated (BN-fixed copy) at budgets 1, 1.25 and 1.5."""
+    keras.utils.set_random_seed(seed)
+    model = _build(cfg, data)
+    copy = _evaluation_copy(model)
+    steps = math.ceil(len(data["x_train"]) / cfg["batch_size"])
+    start_epoch = cfg["swa_start_epoch"]
+    swa_lr = cfg["swa_lr_ratio"] * cfg["lr_init"]
+    cyclic = {}
+    if cfg["cyclic"]:
+        cyclic = {"swa_lr_min": cfg["swa_lr_ratio_min"] * cfg["lr_init"], "cycle_length": steps}
+    lr = keras_swa.schedules.PaperSchedule(
+        cfg["lr_init"], swa_lr, swa_start=start_epoch * steps, **cyclic
+    )
+    _compile(model, keras.optimizers.SGD(lr, momentum=cfg["momentum"]))
+    swa = keras_swa.SWA(
+        start_epoch=start_epoch,
+        cycle_length=1,
+        bn_data=data["x_train"],
+        bn_batch_size=_EVAL_BATCH,
+        verbose=0,
+    )
+    evaluator = _SWAEvaluator(swa, copy, data, cfg, log)
+    epochs = cfg["marks"]["1.5"]
+    progress.label, progress.epochs = f"[seed {seed}] SWA", epochs
+    start = time.time()
+    history = model.fit(
+        _train_dataset(data, cfg, seed),
+        shuffle=False,  # the dataset shuffles itself (seeded)
+        epochs=epochs,
+        validation_data=(data["x_eval"], data["y_eval"]),
+        validation_batch_size=_EVAL_BATCH,
+        callbacks=[swa, evaluator, progress],
+        verbose=0,
+    )
+    train_time = time.time() - start
+    iterate_curve = [float(a) for a in history.history["val_accuracy"]]
+    out = {f"swa_{key}": value for key, value in evaluator.at_marks.items()}
+    out["swa_no_bn"] = evaluator.no_bn
+    out["swa_run_iterate"] = {
+        "eval_accuracy": iterate_curve[-1],
+        "train_accuracy": None,
+        "epochs": epochs,
+    }
+    out["swa_run_iterate_curve"] = iterate_curve
+    out["swa_curve"] = {str(k): v for k, v in sorted(evaluator.curve.items())}
+    out["swa_train_time_s"] = train_time
+    out["swa_captures"] = int(swa.averaged.n_averaged.numpy())
+    # The callback ends training by writing the averages into the model and recomputing BN: the
+    # same weights as the copy evaluated at budget 1.5.
+    out["swa_callback_final_eval_accuracy"] = _accuracy(model, data["x_eval"], data["y_eval"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _mean_std(values):
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def summarize_runs(per_seed, cfg):
+    """Mean +- std per table row, and the paired SWA - SGD differences."""
+    rows = []
+    sgd = [r["sgd"]["eval_accuracy"] for r in per_seed]
+    for key, method, multiple in ROWS:
+        evals = [r[key]["eval_accuracy"] for r in per_seed]
+        trains = [r[key]["train_accuracy"] for r in per_seed]
+        row = {
+            "key": key,
+            "method": method,
+            "budget": multiple,
+            "epochs": per_seed[0][key]["epochs"],
+            "eval_accuracy": _mean_std(evals),
+            "train_accuracy": _mean_std(trains) if None not in trains else None,
+            "minus_sgd_points": _mean_std([100 * (a - b) for a, b in zip(evals, sgd)]),
+        }
+        if key != "sgd":
+            row["seeds_better_than_sgd"] = sum(a > b for a, b in zip(evals, sgd))
+        rows.append(row)
+    return rows
+
+
+def _pct(stats):
+    if stats is None:
+        return "-"
+    if len(stats["values"]) > 1:
+        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+    return f"{100 * stats['mean']:.2f}"
+
+
+def verdicts(rows, n_seeds):
+    """One sentence per SWA budget: did SWA beat SGD (mean, and in how many seeds)?"""
+    out = []
+    for row in rows:
+        if row["method"] != "SWA":
+            continue
+        diff = row["minus_sgd_points"]
+        beat = diff["mean"] > 0
+        out.append(
+            f"Budget {row['budget']:g} ({row['epochs']} epochs): SWA "
+            f"{'beat' if beat else 'did NOT beat'} SGD: {diff['mean']:+.2f} points on average "
+            f"(better in {row['seeds_better_than_sgd']} of {n_seeds} seeds)."
+        )
+    return out
+
+
+def make_table(rows, cfg, split, n_params, verdict_lines):
+    split_name = split.capitalize()
+    headers = [
+        "method",
+        "budget",
+        "epochs",
+        f"{split_name} accuracy (%)",
+        f"{split_name} error (%)",
+        "minus SGD (points)",
+        "Train accuracy (%)",
+    ]
+    body = []
+    for row in rows:
+        acc = row["eval_accuracy"]
+        err = {"mean": 1 - acc["mean"], "std": acc["std"], "values": acc["values"]}
+        diff = row["minus_sgd_points"]
+        body.append(
+            [
+                row["method"],
+                f"{row['budget']:g}",
+                row["epochs"],
+                _pct(acc),
+                _pct(err),
+                "-" if row["key"] == "sgd" else f"{diff['mean']:+.2f}",
+                _pct(row["train_accuracy"]),
+            ]
+        )
+    title = (
+        f"## SWA vs SGD: {cfg['dataset']}, {cfg['model']} width {cfg['width']} "
+        f"({n_params:,} parameters)\n\n"
+        f"Training subset {cfg['train_size'] or 'all'} images, budget B = {cfg['budget']} epochs, "
+        f"SWA start epoch {cfg['swa_start_epoch']}, swa_lr = {cfg['swa_lr_ratio']:g} x lr_init "
+        f"({'cyclic' if cfg['cyclic'] else 'constant'}), lr_init {cfg['lr_init']:g}, "
+        f"weight decay {cfg['weight_decay']:g}, batch {cfg['batch_size']}, "
+        f"{cfg['seeds']} seed(s) (mean ± std). Evaluated on the {split} split"
+        f"{' (quick mode: the numbers mean nothing)' if cfg['quick'] else ''}.\n"
+    )
+    return (
+        title
+        + "\n"
+        + bench.markdown_table(headers, body)
+        + "\n\n"
+        + "\n".join(f"- {line}" for line in verdict_lines)
+        + "\n"
+    )
+
+
+def make_plot(path, per_seed, cfg, split):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sgd = np.mean([r["sgd_curve"] for r in per_seed], axis=0)
+    iterate = np.mean([r["swa_run_iterate_curve"] for r in per_seed], axis=0)
+    swa_epochs = sorted(int(e) for e in per_seed[0]["swa_curve"])
+    swa = [np.mean([r["swa_curve"][str(e)] for r in per_seed]) for e in swa_epochs]
+    ax.plot(range(1, len(sgd) + 1), 100 * (1 - sgd), label="SGD (paper schedule, budget B)")
+    ax.plot(
+        range(1, len(iterate) + 1),
+        100 * (1 - iterate),
+        label="SWA run: SGD iterate",
+        alpha=0.6,
+    )
+    ax.plot(swa_epochs, 100 * (1 - np.asarray(swa)), "o-", markersize=3, label="SWA (BN-fixed)")
+    start = cfg["swa_start_epoch"]
+    ax.axvline(start, color="#c44e52", linestyle="--", linewidth=1, label="SWA start")
+    low = min(np.min(100 * (1 - sgd)), np.min(100 * (1 - np.asarray(swa))))
+    tail = np.concatenate([100 * (1 - sgd[len(sgd) // 3 :]), 100 * (1 - iterate[len(iterate) // 3 :])])
+    ax.set_ylim(max(0.0, low - 1.0), max(low + 2.0, float(np.percentile(tail, 95)) + 1.0))
+    for key, epoch in cfg["marks"].items():
+        ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
+        ax.text(epoch, ax.get_ylim()[1], f" {key} B", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{split} error (%)")
+    ax.set_title(
+        f"{cfg['dataset']} {cfg['model']} w{cfg['width']}, {cfg['seeds']} seed(s): "
+        f"{split} error vs epoch"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(_):
+    cfg = resolve_config()
+    # keras_swa.update_bn builds its pass function per call: silence TF's retracing warnings.
+    tf.get_logger().setLevel("ERROR")
+    job_start = time.time()
+
+    def log(message):
+        print(message, flush=True)
+
+    data = prepare_data(cfg)
+    split = data["eval_split"]
+    n_params = int(sum(np.prod(v.shape) for v in _build(cfg, data).trainable_weights))
+    log(
+        f"{cfg['dataset']}: {len(data['x_train'])} training images, {len(data['x_eval'])} "
+        f"{split} images; {cfg['model']} width {cfg['width']}: {n_params:,} parameters; "
+        f"SGD budget {cfg['budget']} epochs, SWA from epoch {cfg['swa_start_epoch']} to "
+        f"{cfg['marks']['1.5']}; {cfg['seeds']} seed(s)."
+    )
+    seeds = list(range(cfg["first_seed"], cfg["first_seed"] + cfg["seeds"]))
+    progress = Progress(len(seeds) * (cfg["budget"] + cfg["marks"]["1.5"]), split)
+    per_seed = []
+    for seed in seeds:
+        result = {"seed": seed}
+        result.update(run_sgd(seed, cfg, data, progress))
+        log(f"[seed {seed}] SGD: {split} acc {100 * result['sgd']['eval_accuracy']:.2f}%")
+        result.update(run_swa(seed, cfg, data, progress, log))
+        per_seed.append(result)
+    rows = summarize_runs(per_seed, cfg)
+    verdict_lines = verdicts(rows, len(seeds))
+    table = make_table(rows, cfg, split, n_params, verdict_lines)
+    wall = time.time() - job_start
+    table += f"\nWall time {wall / 60:.1f} min. Command: `{bench.command_line('benchmarks.' + NAME)}`\n"
+    payload = {
+        "benchmark": NAME,
+        "command": bench.command_line("benchmarks." + NAME),
+        "versions": bench.versions(),
+        "config": cfg,
+        "eval_split": split,
+        "num_train": len(data["x_train"]),
+        "num_eval": len(data["x_eval"]),
+        "num_parameters": n_params,
+        "rows": rows,
+        "verdicts": verdict_lines,
+        "per_seed": per_seed,
+        "wall_time_s": wall,
+        "notes": [
+            "SGD: PaperSchedule(lr_init, 0.01 lr_init, swa_start=B epochs), momentum SGD, L2 "
+            "kernel penalty with gradient weight_decay * w.",
+            "SWA rows: one run to 1.5 B; at each mark the averages are assigned to a cloned "
+            "model, keras_swa.update_bn recomputes its BN statistics on the training images "
+            "(no augmentation), and the clone is evaluated; training is not disturbed.",
+            "SWA without BN recompute: the averages with the BN moving statistics of the SWA "
+            "run's current iterate at budget 1.",
+            "EMA: the SGD run's optimizer has use_ema=True (ema_momentum as configured, "
+            "ema_overwrite_frequency=None, so training is unchanged); after fit, "
+            "optimizer.finalize_variable_values(model.trainable_variables) puts the EMA weights "
+            "in. Keras' EMA covers trainable weights only, so the 'EMA' row keeps the SGD run's "
+            "BN statistics; 'EMA + update_bn' recomputes them with keras_swa.update_bn.",
+            f"Numbers are on the {split} split; tune only with --validation_size, never on test.",
+        ],
+    }
+    paths = bench.write_results(NAME, payload, table, lambda p: make_plot(p, per_seed, cfg, split))
+    print(table, flush=True)
+    log(f"Wrote {paths['json']}, {paths['md']}, {paths['png']} in {wall / 60:.1f} min.")
+
+
+if __name__ == "__main__":
+    app.run(main)
