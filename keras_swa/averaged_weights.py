@@ -15,7 +15,7 @@ import warnings
 
 import tensorflow as tf
 
-from keras_swa import averaging, backend
+from keras_swa import averaging, backend, distribution
 from keras_swa.backend import keras
 
 __all__ = ["AveragedWeights"]
@@ -38,25 +38,6 @@ def _as_tf_variable_dtype(variable):
 def _finite_flags(variables):
     """One bool per variable: are all its values finite? (One compiled read of the weights.)"""
     return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
-
-
-def _check_strategy(strategy):
-    """Refuses ParameterServerStrategy, whose asynchronous workers have no one set of weights."""
-    parameter_server = tuple(
-        cls
-        for cls in (
-            getattr(tf.distribute.experimental, "ParameterServerStrategy", None),
-            getattr(tf.compat.v1.distribute.experimental, "ParameterServerStrategy", None),
-        )
-        if cls is not None
-    )
-    if isinstance(strategy, parameter_server):
-        raise ValueError(
-            "keras_swa does not support ParameterServerStrategy: its workers update the "
-            "variables asynchronously, so there is no one set of weights per step to average. "
-            "Use MirroredStrategy or MultiWorkerMirroredStrategy. "
-            f"Received: strategy={type(strategy).__name__}"
-        )
 
 
 def _variable_name(variable):
@@ -151,8 +132,9 @@ class AveragedWeights(tf.Module):
 
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
         self._source = _Untracked(variables)
-        self._strategy = self._find_strategy(model_or_variables)
-        _check_strategy(self._strategy)
+        self._strategy = distribution.check_strategy(
+            distribution.find_strategy(model_or_variables), "AveragedWeights"
+        )
         with self._strategy.scope():
             self.averages = [
                 tf.Variable(
@@ -219,16 +201,6 @@ class AveragedWeights(tf.Module):
                     f"{getattr(v, 'path', getattr(v, 'name', v))!r} of dtype {v.dtype}"
                 )
         return variables
-
-    @staticmethod
-    def _find_strategy(model_or_variables):
-        """The strategy in scope, else the one the model was built under, else the default."""
-        if tf.distribute.has_strategy():
-            return tf.distribute.get_strategy()
-        strategy = getattr(model_or_variables, "distribute_strategy", None)
-        if isinstance(strategy, tf.distribute.Strategy):
-            return strategy
-        return tf.distribute.get_strategy()
 
     # ------------------------------------------------------------------ properties
 

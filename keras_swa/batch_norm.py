@@ -34,7 +34,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend
+from keras_swa import backend, distribution
 from keras_swa.backend import keras
 
 __all__ = ["update_bn"]
@@ -124,8 +124,7 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_comp
             "`keras.Input`, or call `model.build(input_shape)` first. "
             f"Received: model={model!r} (built=False)"
         )
-    strategy = _strategy_of(model)
-    _check_strategy(strategy)
+    strategy = distribution.check_strategy(distribution.find_strategy(model), "`update_bn`")
     if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
         raise RuntimeError(
             "`update_bn` runs its own per-replica pass and must be called outside "
@@ -304,34 +303,6 @@ class _ForwardPass:
             for var, value in zip(self.statistics, values):
                 var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
         return _accumulate(*state, values, count)
-
-
-def _strategy_of(model):
-    """The strategy in scope, else the one the model was built under, else the default one."""
-    if tf.distribute.has_strategy():
-        return tf.distribute.get_strategy()
-    strategy = getattr(model, "distribute_strategy", None)
-    if isinstance(strategy, tf.distribute.Strategy):
-        return strategy
-    return tf.distribute.get_strategy()
-
-
-def _check_strategy(strategy):
-    parameter_server = tuple(
-        cls
-        for cls in (
-            getattr(tf.distribute.experimental, "ParameterServerStrategy", None),
-            getattr(tf.compat.v1.distribute.experimental, "ParameterServerStrategy", None),
-        )
-        if cls is not None
-    )
-    if isinstance(strategy, parameter_server):
-        raise ValueError(
-            "`update_bn` does not support ParameterServerStrategy: its workers run "
-            "asynchronously, so there is no one pass whose statistics could be combined. Run "
-            "`update_bn` on the chief with a MirroredStrategy or no strategy. "
-            f"Received: strategy={type(strategy).__name__}"
-        )
 
 
 def _per_replica(strategy, value_fn):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_swa import SWA, AveragedWeights, update_bn
-from keras_swa import averaged_weights as averaged_weights_module
+from keras_swa import SWA, AveragedWeights, distribution, update_bn
 from keras_swa import batch_norm as batch_norm_module
 from keras_swa.backend import keras, tf_variable
 
@@ -158,11 +157,11 @@ def test_parameter_server_strategy_is_refused():
     classes = [tf.distribute.experimental.ParameterServerStrategy]
     for cls in classes:
         instance = cls.__new__(cls)
-        with pytest.raises(ValueError, match="ParameterServerStrategy"):
-            averaged_weights_module._check_strategy(instance)
-        with pytest.raises(ValueError, match="ParameterServerStrategy"):
-            batch_norm_module._check_strategy(instance)
-    averaged_weights_module._check_strategy(tf.distribute.MirroredStrategy(["/cpu:0"]))
+        for what in ("AveragedWeights", "`update_bn`"):
+            with pytest.raises(ValueError, match=f"{what} does not support ParameterServer"):
+                distribution.check_strategy(instance, what)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert distribution.check_strategy(mirrored, "AveragedWeights") is mirrored
 
 
 # ------------------------------------------------------------------ the fit callback

@@ -31,6 +31,7 @@ MODULES = [
     "keras_swa.schedules",
     "keras_swa.backup",
     "keras_swa.swap",
+    "keras_swa.distribution",
     "keras_swa.swag",
     "keras_swa.fge",
 ]
