@@ -303,14 +303,14 @@ class AveragedWeights(tf.Module):
         self._apply_update()
         return True if tf.executing_eagerly() else None
 
-    def _finite_or_report(self, flags):
+    def _finite_or_report(self, flags, poisoned="the average"):
         """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""
         if flags.all():
             return True
         bad = self._source.variables[int((~flags).argmax())]
         message = (
             f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of {len(flags)} "
-            f"variables, first {_variable_name(bad)!r}: this capture would poison the average "
+            f"variables, first {_variable_name(bad)!r}: this capture would poison {poisoned} "
             f"(n_averaged={int(self.n_averaged.numpy())} kept as it is)."
         )
         if self._nonfinite == "raise":

@@ -16,7 +16,6 @@ column of the deviation ring buffer.
 
 import contextlib
 import numbers
-import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -207,17 +206,7 @@ class SWAG(AveragedWeights):
                     self._apply_update()
                 return None
             flags = self._finite_fn(variables).numpy()
-            if not flags.all():
-                bad = self._source.variables[int((~flags).argmax())]
-                name = getattr(bad, "path", None) or getattr(bad, "name", repr(bad))
-                message = (
-                    f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of {len(flags)} "
-                    f"variables, first {name!r}: this capture would poison the SWAG statistics "
-                    f"(n_averaged={int(self.n_averaged.numpy())} kept as it is)."
-                )
-                if self._nonfinite == "raise":
-                    raise FloatingPointError(message)
-                warnings.warn(message + " The capture is skipped.", stacklevel=2)
+            if not self._finite_or_report(flags, poisoned="the SWAG statistics"):
                 return False
         self._apply_update()
         return True if tf.executing_eagerly() else None
