@@ -26,6 +26,12 @@ The protocol follows Izmailov et al. (2018), Section 5.1 and the paper's code
   The same is done after every epoch of the SWA phase for the curve of the plot.
 - Ablation at budget 1: the averages with the BN statistics of the current SGD iterate of the SWA
   run (no BN recompute).
+- SWAG and FGE (Maddox et al. 2019; Garipov et al. 2018) from the same SWA run and the same
+  snapshots: at every SWA capture the weights are copied into the evaluation copy, on which a
+  `keras_swa.SWAG` and a `keras_swa.FGE` capture them. At budget 1, SWAG's Bayesian model average
+  (`--swag_samples` draws, BN recomputed per draw) and FGE's ensemble (every snapshot with its own
+  BN statistics) are evaluated beside SGD and SWA: accuracy, negative log-likelihood, expected
+  calibration error, and prediction time relative to one model.
 
 Hyperparameters other than SWA's (set by the paper's rules: start at 0.8 B, `swa_lr` 0.1-0.5x
 `lr_init`, one capture per epoch) may be tuned with `--validation_size N`, which holds out `N`
@@ -37,10 +43,10 @@ per-seed number and curve, mean +- std), `accuracy_benchmark.md` (a table shaped
 Table 1, with training accuracy beside) and `accuracy_benchmark.png` (test error against epoch
 for SGD and SWA, the shape of the paper's Figure 2).
 
-Default run (Fashion-MNIST from Debian's dataset-fashion-mnist, PreResNet width 32 on a
-15000-image training subset, B = 30 epochs, 3 seeds; 2.5 B = 75 epochs per seed). Measured on a
-shared, busy 2-core machine: 55-85 s per epoch, so roughly 80 minutes per seed; the issue's probe
-reported about 40 minutes per seed on an idle one:
+Default run (Fashion-MNIST from Debian's dataset-fashion-mnist, PreResNet width 24 on a
+7500-image training subset, B = 20 epochs, SWA from epoch 16 to 30, 3 seeds; 2.5 B = 50 epochs
+per seed). Sized to take about an hour on 2 CPU cores; the measured time is in the README and
+in the JSON (`wall_time_s`):
 
     python -m benchmarks.accuracy_benchmark
 
@@ -73,6 +79,7 @@ from absl import flags  # noqa: E402
 import keras_swa  # noqa: E402
 from benchmarks import data as data_lib  # noqa: E402
 from benchmarks import flags as bench  # noqa: E402
+from benchmarks import metrics as metrics_lib  # noqa: E402
 from benchmarks import models as models_lib  # noqa: E402
 from keras_swa.backend import keras  # noqa: E402
 
@@ -88,12 +95,12 @@ flags.DEFINE_string(
     "cifar-100-python/.",
 )
 flags.DEFINE_enum("model", "preresnet", list(models_lib.MODELS), "The network.")
-flags.DEFINE_integer("width", None, "Filters of the first stage. Defaults to 32 (4 with --quick).")
+flags.DEFINE_integer("width", None, "Filters of the first stage. Defaults to 24 (4 with --quick).")
 flags.DEFINE_integer("blocks_per_stage", 1, "Pre-activation blocks per stage (preresnet).")
 flags.DEFINE_integer(
     "train_size",
     None,
-    "Training images used (a fixed random subset, --data_seed); 0 for all. Defaults to 15000 "
+    "Training images used (a fixed random subset, --data_seed); 0 for all. Defaults to 7500 "
     "(256 with --quick).",
 )
 flags.DEFINE_integer(
@@ -106,7 +113,7 @@ flags.DEFINE_integer(
     "test_size", None, "Test images used; 0 for all. Defaults to 0 (256 with --quick)."
 )
 flags.DEFINE_integer(
-    "budget", None, "The SGD budget B in epochs (SWA runs to 1.5 B). Defaults to 30 (4 with --quick)."
+    "budget", None, "The SGD budget B in epochs (SWA runs to 1.5 B). Defaults to 20 (4 with --quick)."
 )
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_float("lr_init", 0.1, "Initial learning rate of SGD.")
@@ -128,6 +135,12 @@ flags.DEFINE_string(
     "auto",
     "'crop_flip', 'none' or 'auto' (crop_flip for CIFAR, none for Fashion-MNIST).",
 )
+flags.DEFINE_integer(
+    "swag_samples", None, "SWAG weight draws for its Bayesian model average. Defaults to 10 (2 with --quick)."
+)
+flags.DEFINE_float("swag_scale", 0.5, "SWAG covariance scale (the paper's 0.5).")
+flags.DEFINE_integer("swag_rank", 20, "SWAG low-rank columns K (the last K captures).")
+flags.DEFINE_integer("ece_bins", 15, "Equal-width confidence bins of the expected calibration error.")
 flags.DEFINE_integer("seeds", None, "Number of seeds (mean +- std). Defaults to 3 (2 with --quick).")
 flags.DEFINE_integer("first_seed", 0, "The first seed; the others follow.")
 flags.DEFINE_integer("data_seed", 0, "Seed of the training/validation subset choice.")
@@ -150,7 +163,12 @@ ROWS = (
     ("ema", "Keras use_ema EMA (BN stats of the SGD run)", 1.0),
     ("ema_bn", "Keras use_ema EMA + update_bn", 1.0),
     ("swa_run_iterate", "SGD iterate at the end of the SWA run (swa_lr)", 1.5),
+    ("swag", "SWAG (Bayesian model average of the draws)", 1.0),
+    ("fge", "FGE-style ensemble of the SWA run's snapshots", 1.0),
 )
+
+# Rows of the second table (accuracy, NLL, calibration and prediction cost at budget 1).
+UNCERTAINTY_ROWS = ("sgd", "swa_1", "swag", "fge")
 
 
 def _default(value, normal, quick):
@@ -167,12 +185,12 @@ def resolve_config():
         "dataset": FLAGS.dataset,
         "data_dir": FLAGS.data_dir,
         "model": FLAGS.model,
-        "width": _default(FLAGS.width, 32, 4),
+        "width": _default(FLAGS.width, 24, 4),
         "blocks_per_stage": FLAGS.blocks_per_stage,
-        "train_size": _default(FLAGS.train_size, 15000, 256),
+        "train_size": _default(FLAGS.train_size, 7500, 256),
         "validation_size": FLAGS.validation_size,
         "test_size": _default(FLAGS.test_size, 0, 256),
-        "budget": _default(FLAGS.budget, 30, 4),
+        "budget": _default(FLAGS.budget, 20, 4),
         "batch_size": FLAGS.batch_size if not FLAGS.quick else min(FLAGS.batch_size, 64),
         "lr_init": FLAGS.lr_init,
         "momentum": FLAGS.momentum,
@@ -183,6 +201,10 @@ def resolve_config():
         "swa_lr_ratio_min": FLAGS.swa_lr_ratio_min if FLAGS.cyclic else None,
         "ema_momentum": FLAGS.ema_momentum,
         "swa_curve_every": FLAGS.swa_curve_every,
+        "swag_samples": _default(FLAGS.swag_samples, 10, 2),
+        "swag_scale": FLAGS.swag_scale,
+        "swag_rank": FLAGS.swag_rank,
+        "ece_bins": FLAGS.ece_bins,
         "seeds": _default(FLAGS.seeds, 3, 2),
         "first_seed": FLAGS.first_seed,
         "data_seed": FLAGS.data_seed,
@@ -195,7 +217,10 @@ def resolve_config():
             f"`--augment` must be 'auto', 'none' or 'crop_flip'. Received: augment={augment!r}"
         )
     cfg["augment"] = augment
-    for key in ("width", "blocks_per_stage", "batch_size", "seeds", "swa_curve_every"):
+    for key in (
+        "width", "blocks_per_stage", "batch_size", "seeds", "swa_curve_every", "swag_samples",
+        "swag_rank", "ece_bins",
+    ):
         if cfg[key] < 1:
             raise app.UsageError(f"`--{key}` must be a positive integer. Received: {key}={cfg[key]}")
     for key in ("train_size", "validation_size", "test_size", "data_seed", "first_seed"):
@@ -211,6 +236,10 @@ def resolve_config():
     for key in ("lr_init", "swa_lr_ratio"):
         if not cfg[key] > 0:
             raise app.UsageError(f"`--{key}` must be positive. Received: {key}={cfg[key]}")
+    if not cfg["swag_scale"] >= 0:
+        raise app.UsageError(
+            f"`--swag_scale` must be non-negative. Received: swag_scale={cfg['swag_scale']}"
+        )
     if not 0.0 <= cfg["momentum"] < 1.0:
         raise app.UsageError(f"`--momentum` must be in [0, 1). Received: momentum={cfg['momentum']}")
     if cfg["weight_decay"] < 0:
@@ -318,6 +347,16 @@ def _accuracy(model, x, y):
     return float(result["accuracy"])
 
 
+def _eval_metrics(model, data, bins):
+    """Metrics of a single (logit-output) model on the eval split, and its prediction time."""
+    start = time.perf_counter()
+    logits = model.predict(data["x_eval"], batch_size=_EVAL_BATCH, verbose=0)
+    seconds = time.perf_counter() - start
+    out = metrics_lib.probability_metrics(metrics_lib.softmax(logits), data["y_eval"], bins)
+    out["predict_s"] = seconds
+    return out
+
+
 class Progress(keras.callbacks.Callback):
     """Prints one line per epoch: run, epoch, metrics, elapsed time and ETA over the whole job."""
 
@@ -353,15 +392,95 @@ def _hms(seconds):
 class _FinalIterate(keras.callbacks.Callback):
     """At the last epoch: the training accuracy of the current iterate, measured on a copy."""
 
-    def __init__(self, copy, data, epochs):
+    def __init__(self, copy, data, epochs, bins):
         super().__init__()
-        self.copy, self.data, self.epochs = copy, data, epochs
+        self.copy, self.data, self.epochs, self.bins = copy, data, epochs, bins
         self.train_accuracy = None
+        self.metrics = None
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == self.epochs:
             self.copy.set_weights(self.model.get_weights())
             self.train_accuracy = _accuracy(self.copy, self.data["x_train"], self.data["y_train"])
+            self.metrics = _eval_metrics(self.copy, self.data, self.bins)
+
+
+class _EnsembleCollector(keras.callbacks.Callback):
+    """Feeds SWAG and FGE the same snapshots as SWA; evaluates both at budget 1.
+
+    Must come right after the `keras_swa.SWA` callback: whenever SWA has just captured (its
+    `n_averaged` grew), the trained model's weights are copied into the evaluation copy, which
+    `SWAG` and `FGE` were built on, and both capture it. The trained model is never touched.
+    """
+
+    def __init__(self, swa, copy, data, cfg, log):
+        super().__init__()
+        self.swa, self.copy, self.data, self.cfg, self.log = swa, copy, data, cfg, log
+        self.swag = keras_swa.SWAG(copy, max_rank=cfg["swag_rank"])
+        self.fge = keras_swa.FGE(copy)
+        self.seen = 0
+        self.results = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        averaged = self.swa.averaged
+        n = int(averaged.n_averaged.numpy()) if averaged is not None else 0
+        if n > self.seen:
+            self.seen = n
+            self.copy.set_weights(self.model.get_weights())
+            self.swag.update()
+            self.fge.add()
+        if epoch + 1 != self.cfg["marks"]["1"] or not self.seen:
+            return
+        d, cfg = self.data, self.cfg
+        # One model's prediction time, for the cost ratios (the copy holds the last snapshot);
+        # the first call traces the predict function: time the second.
+        _eval_metrics(self.copy, d, cfg["ece_bins"])
+        single = _eval_metrics(self.copy, d, cfg["ece_bins"])["predict_s"]
+        start = time.perf_counter()
+        probs = self.swag.predict(
+            d["x_eval"],
+            num_samples=cfg["swag_samples"],
+            bn_data=d["x_train"],
+            scale=cfg["swag_scale"],
+            # The low-rank part needs two captures (it divides by rank - 1).
+            cov=self.swag.rank >= 2,
+            seed=epoch,
+            batch_size=_EVAL_BATCH,
+            bn_batch_size=_EVAL_BATCH,
+            from_logits=True,
+        )
+        swag_s = time.perf_counter() - start
+        swag = metrics_lib.probability_metrics(probs, d["y_eval"], cfg["ece_bins"])
+        start = time.perf_counter()
+        probs = self.fge.predict(d["x_eval"], batch_size=_EVAL_BATCH, from_logits=True)
+        fge_s = time.perf_counter() - start
+        fge = metrics_lib.probability_metrics(probs, d["y_eval"], cfg["ece_bins"])
+        base = {"train_accuracy": None, "epochs": epoch + 1}
+        self.results["swag"] = dict(
+            base,
+            eval_accuracy=swag["accuracy"],
+            nll=swag["nll"],
+            ece=swag["ece"],
+            n_captures=self.seen,
+            rank=int(self.swag.rank),
+            low_rank=bool(self.swag.rank >= 2),
+            num_samples=cfg["swag_samples"],
+            predict_cost_ratio=swag_s / single,
+        )
+        self.results["fge"] = dict(
+            base,
+            eval_accuracy=fge["accuracy"],
+            nll=fge["nll"],
+            ece=fge["ece"],
+            members=len(self.fge),
+            predict_cost_ratio=fge_s / single,
+        )
+        self.log(
+            f"  SWAG ({cfg['swag_samples']} draws, rank {self.swag.rank}): "
+            f"{d['eval_split']} acc {100 * swag['accuracy']:.2f}% NLL {swag['nll']:.4f}; "
+            f"FGE ({len(self.fge)} members): acc {100 * fge['accuracy']:.2f}% "
+            f"NLL {fge['nll']:.4f}, {fge_s / single:.1f}x one model's prediction time"
+        )
 
 
 class _SWAEvaluator(keras.callbacks.Callback):
@@ -409,6 +528,9 @@ class _SWAEvaluator(keras.callbacks.Callback):
                 "epochs": done,
                 "n_averaged": n,
             }
+            if self.marks[done] == "1":
+                metrics = _eval_metrics(self.copy, d, self.cfg["ece_bins"])
+                self.at_marks["1"].update(nll=metrics["nll"], ece=metrics["ece"])
             self.log(
                 f"  SWA at budget {self.marks[done]} (epoch {done}, {n} captures): "
                 f"{d['eval_split']} acc {100 * accuracy:.2f}%"
@@ -432,7 +554,7 @@ def run_sgd(seed, cfg, data, progress):
         lr, momentum=cfg["momentum"], use_ema=True, ema_momentum=cfg["ema_momentum"]
     )
     _compile(model, optimizer)
-    final = _FinalIterate(copy, data, budget)
+    final = _FinalIterate(copy, data, budget, cfg["ece_bins"])
     progress.label, progress.epochs = f"[seed {seed}] SGD", budget
     start = time.time()
     history = model.fit(
@@ -451,6 +573,9 @@ def run_sgd(seed, cfg, data, progress):
             "eval_accuracy": curve[-1],
             "train_accuracy": final.train_accuracy,
             "epochs": budget,
+            "nll": final.metrics["nll"],
+            "ece": final.metrics["ece"],
+            "predict_cost_ratio": 1.0,
         },
         "sgd_curve": curve,
         "sgd_train_loss": [float(v) for v in history.history["loss"]],
@@ -497,6 +622,7 @@ def run_swa(seed, cfg, data, progress, log):
         bn_batch_size=_EVAL_BATCH,
         verbose=0,
     )
+    ensembles = _EnsembleCollector(swa, copy, data, cfg, log)
     evaluator = _SWAEvaluator(swa, copy, data, cfg, log)
     epochs = cfg["marks"]["1.5"]
     progress.label, progress.epochs = f"[seed {seed}] SWA", epochs
@@ -507,13 +633,15 @@ def run_swa(seed, cfg, data, progress, log):
         epochs=epochs,
         validation_data=(data["x_eval"], data["y_eval"]),
         validation_batch_size=_EVAL_BATCH,
-        callbacks=[swa, evaluator, progress],
+        callbacks=[swa, ensembles, evaluator, progress],
         verbose=0,
     )
     train_time = time.time() - start
     iterate_curve = [float(a) for a in history.history["val_accuracy"]]
     out = {f"swa_{key}": value for key, value in evaluator.at_marks.items()}
     out["swa_no_bn"] = evaluator.no_bn
+    out["swa_1"]["predict_cost_ratio"] = 1.0
+    out.update(ensembles.results)
     out["swa_run_iterate"] = {
         "eval_accuracy": iterate_curve[-1],
         "train_accuracy": None,
@@ -554,6 +682,9 @@ def summarize_runs(per_seed, cfg):
             "train_accuracy": _mean_std(trains) if None not in trains else None,
             "minus_sgd_points": _mean_std([100 * (a - b) for a, b in zip(evals, sgd)]),
         }
+        for metric in ("nll", "ece", "predict_cost_ratio"):
+            if all(metric in r[key] for r in per_seed):
+                row[metric] = _mean_std([r[key][metric] for r in per_seed])
         if key != "sgd":
             row["seeds_better_than_sgd"] = sum(a > b for a, b in zip(evals, sgd))
         rows.append(row)
@@ -627,6 +758,55 @@ def make_table(rows, cfg, split, n_params, verdict_lines):
         + bench.markdown_table(headers, body)
         + "\n\n"
         + "\n".join(f"- {line}" for line in verdict_lines)
+        + "\n\n"
+        + uncertainty_table(rows, cfg, split)
+    )
+
+
+def _stat(stats, scale=1.0, digits=2):
+    if stats is None:
+        return "-"
+    if len(stats["values"]) > 1:
+        return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
+    return f"{scale * stats['mean']:.{digits}f}"
+
+
+def uncertainty_table(rows, cfg, split):
+    """SGD, SWA, SWAG and FGE at budget 1: accuracy, NLL, calibration, prediction cost."""
+    by_key = {row["key"]: row for row in rows}
+    body = []
+    for key in UNCERTAINTY_ROWS:
+        row = by_key[key]
+        body.append(
+            [
+                row["method"],
+                _pct(row["eval_accuracy"]),
+                _stat(row.get("nll"), digits=4),
+                _stat(row.get("ece"), scale=100),
+                _stat(row.get("predict_cost_ratio"), digits=1),
+            ]
+        )
+    split_name = split.capitalize()
+    headers = [
+        "method (budget 1)",
+        f"{split_name} accuracy (%)",
+        "NLL (nats)",
+        f"ECE (%, {cfg['ece_bins']} bins)",
+        "prediction time (x one model)",
+    ]
+    note = (
+        f"SWAG: {cfg['swag_samples']} draws (scale {cfg['swag_scale']:g}, rank up to "
+        f"{cfg['swag_rank']}), BatchNorm recomputed for every draw, probabilities averaged; "
+        "its prediction time includes those BN passes. FGE: every snapshot the SWA run "
+        f"captured by budget 1 ({'cyclic' if cfg['cyclic'] else 'constant'} swa_lr; the FGE "
+        "paper uses a cyclic one), each with its own BN statistics, probabilities averaged. "
+        "All from the same SWA run and the same snapshots."
+    )
+    return (
+        "### Uncertainty and cost at budget 1\n\n"
+        + bench.markdown_table(headers, body)
+        + "\n\n"
+        + note
         + "\n"
     )
 

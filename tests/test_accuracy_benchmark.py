@@ -25,6 +25,7 @@ if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
 from benchmarks import data as data_lib  # noqa: E402
+from benchmarks import metrics as metrics_lib  # noqa: E402
 from benchmarks import models as models_lib  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,6 +210,34 @@ def test_crop_flip_keeps_shape_and_pixels_shifted():
         assert len(nonzero) >= 6 * 6
 
 
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_probability_metrics_match_a_hand_computation():
+    probabilities = np.array([[0.9, 0.1], [0.65, 0.35], [0.3, 0.7], [0.55, 0.45]])
+    labels = np.array([0, 1, 1, 0])
+    out = metrics_lib.probability_metrics(probabilities, labels, bins=15)
+    assert out["accuracy"] == pytest.approx(0.75)
+    nll = -(np.log(0.9) + np.log(0.35) + np.log(0.7) + np.log(0.55)) / 4
+    assert out["nll"] == pytest.approx(nll)
+    # 15 bins of width 1/15. Confidences 0.9 (bin (13/15, 14/15], right), 0.65 (bin (9/15,
+    # 10/15], wrong), 0.7 (bin (10/15, 11/15], right), 0.55 (bin (8/15, 9/15], right): every
+    # bin holds one prediction, so ECE = mean |correct - confidence|.
+    ece = (abs(1 - 0.9) + abs(0 - 0.65) + abs(1 - 0.7) + abs(1 - 0.55)) / 4
+    assert out["ece"] == pytest.approx(ece)
+    # Two predictions in one bin: ECE uses the bin's mean accuracy and mean confidence.
+    out = metrics_lib.probability_metrics(np.array([[0.62, 0.38], [0.64, 0.36]]), [0, 1], bins=15)
+    assert out["ece"] == pytest.approx(abs(0.5 - 0.63))
+
+
+def test_softmax_matches_the_formula():
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, 0.0]])
+    expected = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    out = metrics_lib.softmax(logits)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-12)
+    np.testing.assert_allclose(out[1], [0.5, 0.5, 0.0], atol=1e-12)
+
+
 # ------------------------------------------------------------------------------ --quick run
 
 
@@ -238,7 +267,7 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,  # about 40 s alone; generous for a busy shared CI machine
+        timeout=600,  # about 60 s alone; a hang guard for a busy shared machine
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     # Progress lines: epoch, elapsed and ETA.
@@ -262,7 +291,8 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
 
     rows = {row["key"]: row for row in payload["rows"]}
     assert list(rows) == [
-        "sgd", "swa_1", "swa_1.25", "swa_1.5", "swa_no_bn", "ema", "ema_bn", "swa_run_iterate"
+        "sgd", "swa_1", "swa_1.25", "swa_1.5", "swa_no_bn", "ema", "ema_bn", "swa_run_iterate",
+        "swag", "fge",
     ]
     per_seed = payload["per_seed"]
     assert [r["seed"] for r in per_seed] == [0, 1]
@@ -291,15 +321,30 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
             r["swa_1.5"]["eval_accuracy"], abs=1.5 / 256
         )
         assert 0.0 <= r["sgd"]["train_accuracy"] <= 1.0
+        # SWAG and FGE saw the same single capture by budget 1. SWAG's variance of one capture
+        # is 0, so every draw is the SWA average and its BN-recomputed prediction is SWA's;
+        # FGE's one member is the iterate with its own BN statistics, i.e. the no-BN ablation.
+        assert r["swag"]["n_captures"] == 1 and r["swag"]["rank"] == 1
+        assert r["swag"]["low_rank"] is False and r["fge"]["members"] == 1
+        assert r["swag"]["eval_accuracy"] == pytest.approx(r["swa_1"]["eval_accuracy"], abs=1e-9)
+        assert r["fge"]["eval_accuracy"] == pytest.approx(
+            r["swa_no_bn"]["eval_accuracy"], abs=1e-9
+        )
+        for key in ("sgd", "swa_1", "swag", "fge"):
+            assert r[key]["nll"] > 0 and 0.0 <= r[key]["ece"] <= 1.0
+        assert r["swag"]["nll"] == pytest.approx(r["swa_1"]["nll"], rel=1e-4)
+        assert r["swag"]["predict_cost_ratio"] > 1.0  # two draws, each with a BN pass
 
     table = paths["md"].read_text()
     assert "| method | budget | epochs | Test accuracy (%) |" in table
     assert "Train accuracy (%)" in table
     for method in ("SWA without BN recompute", "Keras use_ema EMA", "EMA + update_bn"):
         assert method in table
-    assert table.count("\n| SWA | ") == 3
+    assert table.split("### Uncertainty")[0].count("\n| SWA | ") == 3
     assert "Budget 1.25 (5 epochs): SWA" in table
     assert len(payload["verdicts"]) == 3
+    assert "### Uncertainty and cost at budget 1" in table
+    assert "| NLL (nats) | ECE (%, 15 bins) |" in table
 
 
 def test_bad_flags_are_rejected_with_the_value(tmp_path):
