@@ -207,6 +207,46 @@ def test_fit_overhead_benchmark_quick(tmp_path):
     assert "End of training" in table and "inside the SWA callback's own hooks" in table
 
 
+def test_cost_benchmark_collects_every_parts_targets(tmp_path):
+    output_dir = _run_benchmark(
+        "benchmarks.cost_benchmark", tmp_path, "--parts", "averaging_benchmark", "--repeats", "2"
+    )
+    part = json.loads((output_dir / "cost_parts" / "averaging_benchmark.json").read_text())
+    assert part["command"].startswith("python -m benchmarks.averaging_benchmark")
+    assert "--quick" in part["command"] and "--repeats=2" in part["command"]
+    payload = json.loads((output_dir / "cost_benchmark.json").read_text())
+    assert payload["config"] == {"quick": True, "parts": ["averaging_benchmark"]}
+    # Every target of the part, as the part wrote it.
+    assert [(t["name"], t["value"], t["target"], t["met"]) for t in payload["targets"]] == [
+        (t["name"], t.get("value"), t.get("target"), t.get("met")) for t in part["targets"]
+    ]
+    for target in payload["targets"]:
+        if target["value"] is not None:
+            assert target["value_over_target"] == pytest.approx(
+                target["value"] / target["target"]
+            )
+    table = (output_dir / "cost_benchmark.md").read_text()
+    for target in part["targets"]:
+        assert f"| averaging | {target['name']} |" in table
+    met = sum(t.get("met") is True for t in part["targets"])
+    assert f"{met} of {len(part['targets'])} targets met" in table
+    assert (output_dir / "cost_benchmark.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cost_benchmark_rejects_an_unknown_part(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cost_benchmark", "--parts", "speed",
+         "--output_dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Received: parts=['speed']" in proc.stdout + proc.stderr
+
+
 def test_interleave_rotates_the_first_variant_and_drops_warmup():
     calls = []
     variants = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
