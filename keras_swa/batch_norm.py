@@ -25,11 +25,17 @@ global batch is split between the replicas and every replica runs the pass on it
 global cumulative average weighted by the share's size; with `BatchNormalization(synchronized=True)`
 the layer's statistics are those of the whole global batch. The sums are added across replicas
 (and workers) once, at the end, so every replica ends with the same statistics.
+
+The compiled pass is kept per model (weakly: it never keeps a model alive) and reused by later
+calls with the same layers, strategy and `jit_compile`, so calling `update_bn` every epoch or
+for every SWAG draw traces the model once, as `fit` does. Like Keras' own compiled train and
+predict functions, it reflects the model's Python-level configuration at its first call.
 """
 
 import contextlib
 import math
 import sys
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +46,10 @@ from keras_swa.backend import keras
 __all__ = ["update_bn"]
 
 _DEFAULT_BATCH_SIZE = 32
+
+# model -> {(strategy id, jit_compile, statistics ids): (strategy, compiled pass)}. Weak keys,
+# and the passes hold the model only weakly, so an entry dies with its model.
+_PASSES = weakref.WeakKeyDictionary()
 
 
 def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False):
@@ -166,10 +176,7 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
     momenta = [layer.momentum for layer in layers]
     num_replicas = strategy.num_replicas_in_sync
 
-    # Traced once per call (twice with an uneven last batch); `reduce_retracing` keeps inputs
-    # whose shapes vary from batch to batch from retracing every batch.
-    forward = _ForwardPass(model, stats, strategy, jit_compile)
-    step = tf.function(forward, reduce_retracing=True)
+    step = _compiled_pass(model, stats, strategy, jit_compile)
     size = sum(int(np.prod(var.shape)) for var in stats)
 
     succeeded = False
@@ -235,6 +242,27 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
     return seen
 
 
+def _compiled_pass(model, statistics, strategy, jit_compile):
+    """The model's `tf.function` pass for these statistics, created on first use and reused.
+
+    Traced once per input signature (twice with an uneven last batch); `reduce_retracing`
+    keeps inputs whose shapes vary from batch to batch from retracing every batch.
+    """
+    key = (id(strategy), jit_compile, tuple(id(var) for var in statistics))
+    try:
+        passes = _PASSES.setdefault(model, {})
+    except TypeError:  # an object that cannot be weakly referenced: no reuse
+        passes = {}
+    cached = passes.get(key)
+    if cached is not None and cached[0] is strategy:
+        return cached[1]
+    step = tf.function(
+        _ForwardPass(model, statistics, strategy, jit_compile), reduce_retracing=True
+    )
+    passes[key] = (strategy, step)
+    return step
+
+
 def _accumulate(sums, compensations, statistics, count):
     """Adds `count` times the statistics to float32 running sums (Neumaier summation).
 
@@ -263,11 +291,12 @@ class _ForwardPass:
     """One training-mode forward pass per replica; folds the batch statistics into the sums.
 
     A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
-    every `update_bn` call apart and does not warn about retracing when it is called repeatedly.
+    every model's pass apart. It holds the model weakly: the cache of passes must not keep
+    models alive.
     """
 
     def __init__(self, model, statistics, strategy, jit_compile):
-        self.model = model
+        self._model = weakref.ref(model)
         self.statistics = statistics
         self.strategy = strategy
         self.distributed = strategy.num_replicas_in_sync > 1
@@ -293,7 +322,7 @@ class _ForwardPass:
         return self.compiled[key](x, count, state)
 
     def _replica_step(self, x, count, state):
-        self.model(x, training=True)
+        self._model()(x, training=True)
         # Automatic control dependencies order these reads after the layers' own assignments.
         # In a replica context they read this replica's own copy of the statistics.
         values = [tf.convert_to_tensor(var) for var in self.statistics]

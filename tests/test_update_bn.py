@@ -586,8 +586,9 @@ def test_forward_pass_is_traced_once_plus_once_for_an_uneven_last_batch():
     assert update_bn(model, _data(50), batch_size=8, verbose=0) == 50  # 6 batches of 8, 1 of 2
     assert 1 <= counter.calls <= 2
     counter.calls = 0
+    # A later call reuses the model's compiled pass: batches of 8 were traced already.
     update_bn(model, _data(48), batch_size=8, verbose=0)
-    assert counter.calls == 1
+    assert counter.calls == 0
 
 
 def test_verbose_shows_a_progress_bar(capsys):
@@ -598,3 +599,41 @@ def test_verbose_shows_a_progress_bar(capsys):
     assert capsys.readouterr().out == ""
     update_bn(model, _data(40), batch_size=10)  # "auto": captured output is not interactive
     assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------------ one trace, reused
+
+
+def test_repeated_calls_trace_the_model_once_and_stay_exact():
+    counter = _TraceCounter()
+    inputs = keras.Input((3,))
+    bn = L.BatchNormalization()
+    model = keras.Model(inputs, bn(counter(inputs)))
+    rng = np.random.RandomState(0)
+    for call in range(4):
+        x = rng.normal(loc=call, scale=1 + call, size=(64, 3)).astype("float32")
+        update_bn(model, x, batch_size=16, verbose=0)
+        # Each call's result is that call's data, however the pass was traced.
+        mean, var = _expected_stats(_batches(x.astype(np.float64), 16))
+        np.testing.assert_allclose(_np(bn.moving_mean), mean, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(_np(bn.moving_variance), var, rtol=RTOL, atol=ATOL)
+    # Four calls with equal batch shapes: one trace (Keras may call `call` once more to build).
+    assert counter.calls <= 2, counter.calls
+    traced = counter.calls
+    # A different model gets its own pass; the first model's pass is still reused afterwards.
+    other = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
+    update_bn(other, x, batch_size=16, verbose=0)
+    update_bn(model, x, batch_size=16, verbose=0)
+    assert counter.calls == traced
+
+
+def test_the_reused_pass_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.BatchNormalization()])
+    update_bn(model, np.ones((8, 3), "float32"), batch_size=4, verbose=0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
