@@ -20,6 +20,7 @@ from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
 from keras_swa.backup import StateBackup
 from keras_swa.batch_norm import update_bn
+from keras_swa.distribution import find_strategy
 from keras_swa.export import export_saved_model
 from keras_swa.schedules import Cyclic
 from keras_swa.swap import restore_variables, snapshot_variables
@@ -91,8 +92,11 @@ class SWA(keras.callbacks.Callback):
             Use it with `keras.callbacks.BackupAndRestore`: pass the same directory and the
             same frequency, and put `SWA` BEFORE `BackupAndRestore` in the callbacks list. A
             run killed at any point and restarted with the same command then ends with the
-            same captures and averages as an uninterrupted one. Defaults to `None` (no state
-            saved).
+            same captures and averages as an uninterrupted one. Under
+            MultiWorkerMirroredStrategy, as with BackupAndRestore, only the chief writes it
+            (the other workers write a temporary folder beside it and delete it) and every
+            worker restores from it, so it must be on storage that all workers can read.
+            Defaults to `None` (no state saved).
         backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
             `save_freq`. Defaults to `"epoch"`.
         swa_validation_data: `(x, y)` arrays or a dataset: at the end of every
@@ -413,7 +417,9 @@ class SWA(keras.callbacks.Callback):
                 name="swa",
             )
         if self.backup_dir is not None and self._backup is None:
-            self._backup = StateBackup(self.backup_dir, self.averaged)
+            self._backup = StateBackup(
+                self.backup_dir, self.averaged, strategy=find_strategy(model)
+            )
         self._restored = False
         self._check_export_dir()
 
