@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,41 +14,8 @@ from keras_swa.export import export_saved_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs in a fresh interpreter that has keras_swa on its path but cannot import it.
-_LOADER = textwrap.dedent(
-    """
-    import importlib.abc
-    import json
-    import sys
-
-
-    class _BlockKerasSwa(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "keras_swa" or name.startswith("keras_swa."):
-                raise ImportError("blocked by the test: " + name)
-            return None
-
-
-    sys.meta_path.insert(0, _BlockKerasSwa())
-    try:
-        import keras_swa  # noqa: F401
-    except ImportError as e:
-        assert "blocked by the test" in str(e), e
-    else:
-        sys.exit("keras_swa could be imported")
-
-    import numpy as np
-    import tensorflow as tf
-
-    for job in json.loads(sys.argv[1]):
-        serve = tf.saved_model.load(job["path"]).signatures["serving_default"]
-        feeds = {name: tf.constant(np.load(f)) for name, f in job["inputs"].items()}
-        outputs = serve(**feeds)
-        np.savez(job["result"], **{k: v.numpy() for k, v in outputs.items()})
-    assert not any(m.split(".")[0] == "keras_swa" for m in sys.modules)
-    print("LOADER OK")
-    """
-)
+# Serves SavedModels in a fresh interpreter that has keras_swa on its path but cannot import it.
+_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_without_keras_swa.py")
 
 
 def _cli():
@@ -205,7 +171,7 @@ def served(tmp_path_factory):
         },
     ]
     commands = {
-        "loader": [sys.executable, "-c", _LOADER, json.dumps(jobs)],
+        "loader": [sys.executable, _LOADER, json.dumps(jobs)],
         "saved_model_cli": [
             _cli(), "run", "--dir", multi_path, "--tag_set", "serve",
             "--signature_def", "serving_default",

@@ -1,9 +1,9 @@
 """Tests for `keras_swa.fge.FGE`: ensemble predictions, the exported SavedModel, errors."""
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,39 +16,8 @@ from keras_swa.schedules import Cyclic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A fresh interpreter that has keras_swa on its path but cannot import it (as in test_export).
-_LOADER = textwrap.dedent(
-    """
-    import importlib.abc
-    import sys
-
-
-    class _BlockKerasSwa(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "keras_swa" or name.startswith("keras_swa."):
-                raise ImportError("blocked by the test: " + name)
-            return None
-
-
-    sys.meta_path.insert(0, _BlockKerasSwa())
-    try:
-        import keras_swa  # noqa: F401
-    except ImportError as e:
-        assert "blocked by the test" in str(e), e
-    else:
-        sys.exit("keras_swa could be imported")
-
-    import numpy as np
-    import tensorflow as tf
-
-    path, x_file, out_file = sys.argv[1:]
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    outputs = serve(features=tf.constant(np.load(x_file)))
-    np.savez(out_file, **{k: v.numpy() for k, v in outputs.items()})
-    assert not any(m.split(".")[0] == "keras_swa" for m in sys.modules)
-    print("LOADER OK")
-    """
-)
+# Serves SavedModels in a fresh interpreter that has keras_swa on its path but cannot import it.
+_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_without_keras_swa.py")
 
 STEPS_PER_EPOCH = 4
 
@@ -164,8 +133,10 @@ def test_exported_ensemble_serves_the_average_without_keras_swa(tmp_path):
     np.save(tmp_path / "x.npy", x[:7])
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3",
                CUDA_VISIBLE_DEVICES="")
+    jobs = [{"path": path, "inputs": {"features": str(tmp_path / "x.npy")},
+             "result": str(tmp_path / "o.npz")}]
     proc = subprocess.run(
-        [sys.executable, "-c", _LOADER, path, str(tmp_path / "x.npy"), str(tmp_path / "o.npz")],
+        [sys.executable, _LOADER, json.dumps(jobs)],
         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0 and "LOADER OK" in proc.stdout, proc.stdout + proc.stderr
