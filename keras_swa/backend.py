@@ -66,11 +66,39 @@ def batch_norm_layers(model):
 
 
 def get_learning_rate(optimizer):
-    """The optimizer's current learning rate as a Python float (schedules evaluated now)."""
+    """The learning rate of the last step taken, as a Python float (the first step's before any).
+
+    For a schedule-driven optimizer this is `schedule(iterations - 1)`: the rate the weights
+    just captured were trained with. Keras 3's `optimizer.learning_rate` evaluates the schedule
+    at the next step instead, tf_keras' holds the last step's; both report the same here.
+    """
+    schedule = _learning_rate_schedule(optimizer)
+    if schedule is not None:
+        step = max(int(optimizer.iterations.numpy()) - 1, 0)
+        return float(tf.convert_to_tensor(schedule(step)))
+    return float(tf.convert_to_tensor(optimizer.learning_rate))
+
+
+def _learning_rate_schedule(optimizer):
+    """The optimizer's `LearningRateSchedule`, or None if it has a plain learning rate."""
     lr = optimizer.learning_rate
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):  # tf_keras
-        lr = lr(optimizer.iterations)
-    return float(tf.convert_to_tensor(lr))
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):  # tf_keras (some)
+        return lr
+    if not IS_KERAS_3:
+        # tf_keras optimizers hold the last step's scheduled rate in `learning_rate`.
+        return None
+    # Keras 3 evaluates the schedule when `learning_rate` is read; its config holds the
+    # schedule itself (a wrapper such as LossScaleOptimizer delegates to `inner_optimizer`).
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return _learning_rate_schedule(inner)
+    config = optimizer.get_config().get("learning_rate")
+    if not isinstance(config, dict):
+        return None
+    try:
+        return keras.optimizers.schedules.deserialize(config)
+    except (TypeError, ValueError):  # an unregistered custom schedule: the next step's rate
+        return None
 
 
 def set_learning_rate(optimizer, value):

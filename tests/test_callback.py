@@ -102,6 +102,28 @@ def test_constant_lr_epoch_captures_equal_numpy_mean():
     assert [lr for _, _, lr in swa.captures] == pytest.approx([0.02] * 4)
 
 
+def test_logged_and_captured_learning_rate_is_the_last_steps_with_a_user_schedule():
+    # steps 0..7 (0-based optimizer iterations) use 0.1, later steps 0.01.
+    def piecewise(step):
+        return 0.1 if step <= 7 else 0.01
+
+    x, y = _data()  # 4 steps per epoch: epochs end at iterations 4, 8, 12, 16
+    model = _dense_model()
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([7], [0.1, 0.01])
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    swa = SWA(start_epoch=1, swa_lr=None, verbose=0)
+    history = model.fit(x, y, batch_size=BATCH, epochs=4, callbacks=[swa], verbose=0,
+                        shuffle=False)
+    steps = [4, 8, 12, 16]
+    # The rate the epoch's last step used: schedule(iterations - 1). At iteration 8 that is
+    # 0.1, although the next step will use 0.01.
+    expected = [piecewise(s - 1) for s in steps]
+    assert expected == [0.1, 0.1, 0.01, 0.01]
+    np.testing.assert_allclose(history.history["learning_rate"], expected, rtol=1e-6)
+    assert [step for _, step, _ in swa.captures] == steps[1:]
+    assert [lr for _, _, lr in swa.captures] == pytest.approx(expected[1:])
+
+
 def test_cyclic_step_schedule_follows_paper_and_captures_at_cycle_ends():
     x, y = _data(1)
     a1, a2, c, start = 0.05, 0.005, 3, 5
