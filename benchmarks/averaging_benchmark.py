@@ -5,8 +5,9 @@ One SWA capture folds every weight into its running average,
 trainable tensors (25.6M floats) that is a memory-bound pass over ~300 MB (read `w` and `avg`,
 write `avg`). This benchmark times one full update of all averages, side by side in one run:
 
-- `keras_swa AveragedWeights.update()`: the product as users get it (by default it first
-  checks every weight for NaN/Inf, then runs one XLA-compiled update over all variables);
+- `keras_swa AveragedWeights.update()`: the product as users get it: one XLA-compiled call
+  that checks every weight for NaN/Inf (one extra read of the weights) and updates all
+  averages in place, leaving them untouched if the check fails;
 - `... (nonfinite="ignore")`: the product without that check: the update alone;
 - `floor: one flat jit lerp`: the same number of floats in ONE flat fp32 buffer, updated by one
   `tf.function(jit_compile=True)`: what TensorFlow can do at best (the ratios' denominator);

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_swa.averaged_weights import AveragedWeights
-from keras_swa.backend import keras, tf_variable
+from keras_swa.backend import keras
 
 
 def _model():
@@ -59,12 +59,7 @@ def test_update_is_one_compiled_call_that_never_retraces():
         averaged.update()
     assert averaged._update_fn.experimental_get_tracing_count() == 1
     # The update is XLA-compiled: the compiler IR exists and updates every average.
-    hlo = averaged._update_fn.experimental_get_compiler_ir(
-        list(averaged.averages),
-        [tf_variable(v) for v in averaged.tracked_variables],
-        averaged.n_averaged,
-        True,
-    )(stage="hlo")
+    hlo = averaged._update_fn.experimental_get_compiler_ir()(stage="hlo")
     assert "HloModule" in hlo
 
 
@@ -333,3 +328,62 @@ def test_nonfinite_ignore_folds_it_in():
 def test_bad_nonfinite_policy():
     with pytest.raises(ValueError, match="nonfinite='warn'"):
         AveragedWeights(_model(), nonfinite="warn")
+
+
+# Sizes that take each path of the NaN/Inf probe: a large tensor folded into 16 slices before
+# the reduction (69632 = 16 * 4352), a large one that cannot be folded (odd size), a small one.
+_PROBE_SHAPES = [(256, 272), (65537,), (3,)]
+
+
+def test_any_single_nonfinite_value_is_caught():
+    rng = np.random.default_rng(3)
+    values = [rng.normal(size=s).astype("float32") for s in _PROBE_SHAPES]
+    variables = [tf.Variable(v) for v in values]
+    averaged = AveragedWeights(variables, nonfinite="skip")  # one compiled update for all cases
+    assert averaged.update() is True
+    for which, value in enumerate(values):
+        for index in (0, value.size // 2, value.size - 1):  # first, middle, last (a tail)
+            for bad in (np.nan, np.inf, -np.inf):
+                poisoned = value.copy()
+                poisoned.reshape(-1)[index] = bad
+                variables[which].assign(poisoned)
+                with pytest.warns(UserWarning, match=f"1 of {len(values)} variables"):
+                    assert averaged.update() is False, (which, index, bad)
+                variables[which].assign(value)
+    assert int(averaged.n_averaged.numpy()) == 1
+    for v, a in zip(values, averaged.averages):
+        np.testing.assert_array_equal(a.numpy(), v)  # bit-identical: untouched
+    # Finite weights are folded in again: the mean of the two finite captures.
+    repaired = [v + 1.0 for v in values]
+    for variable, value in zip(variables, repaired):
+        variable.assign(value)
+    assert averaged.update() is True
+    for v, r, a in zip(values, repaired, averaged.averages):
+        np.testing.assert_allclose(
+            a.numpy(), (v.astype(np.float64) + r) / 2, rtol=1e-6, atol=1e-6
+        )
+
+
+def test_nonfinite_bf16_variable_is_caught():
+    variable = tf.Variable(tf.ones([16 * 4096], tf.bfloat16))
+    averaged = AveragedWeights([variable])
+    averaged.update()
+    variable.assign(tf.tensor_scatter_nd_update(variable, [[5]], tf.constant([np.inf], tf.bfloat16)))
+    with pytest.raises(FloatingPointError, match="1 of 1 variables"):
+        averaged.update()
+    np.testing.assert_array_equal(averaged.averages[0].numpy(), np.ones(16 * 4096, "float32"))
+    assert int(averaged.n_averaged.numpy()) == 1
+
+
+def test_nonfinite_raise_inside_tf_function_fails_the_graph_and_keeps_the_average():
+    model, averaged, _, good = _diverged_model()
+
+    @tf.function
+    def capture():
+        averaged.update()
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="SWA capture refused"):
+        capture()
+    assert int(averaged.n_averaged.numpy()) == 1
+    for g, a in zip(good, averaged.averages):
+        np.testing.assert_array_equal(g, a.numpy())
