@@ -95,7 +95,7 @@ def collect_targets(payloads):
     return rows
 
 
-def _fmt(value, digits=3):
+def _fmt(value, digits=4):
     return "-" if value is None else f"{value:.{digits}g}"
 
 
