@@ -7,9 +7,7 @@ linear tf_keras model; the same loop on one process with MirroredStrategy on two
 plus numpy BatchNorm statistics, for the Keras 3 custom loop).
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,42 +20,20 @@ TIMEOUT_S = 120
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "workers"))
 import swa_worker  # noqa: E402  (the data, batch size and initial weights the workers use)
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _env(legacy_keras, tf_config=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TF_USE_LEGACY_KERAS")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    if legacy_keras:
-        env["TF_USE_LEGACY_KERAS"] = "1"
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
+from cluster import free_ports, worker_env  # noqa: E402
 
 
 def _run(mode, out_dir, num_workers, legacy_keras):
     """Runs `num_workers` workers (0: one local process) and returns their results by task."""
-    ports = _free_ports(num_workers)
+    ports = free_ports(num_workers)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     commands = []
     if num_workers:
         for i in range(num_workers):
             config = {"cluster": cluster, "task": {"type": "worker", "index": i}}
-            commands.append(_env(legacy_keras, config))
+            commands.append(worker_env(legacy_keras, config))
     else:
-        commands.append(_env(legacy_keras))
+        commands.append(worker_env(legacy_keras))
     temp = os.path.join(out_dir, "tmp")  # the workers' temporary directory, checked after
     os.makedirs(temp, exist_ok=True)
     for env in commands:

@@ -12,10 +12,8 @@ Who wrote what is read from the files themselves: the workers run with different
 bits. Only the chief may write SWA's and BackupAndRestore's backup and the exported model.
 """
 
-import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -32,17 +30,7 @@ KILL_AT = "2:1"  # worker 1 dies at the end of batch 1 of epoch 2 (0-based)
 sys.path.insert(0, os.path.join(ROOT, "tests", "workers"))
 import resume_worker  # noqa: E402  (the epochs, SWA start and learning rates the workers use)
 import swa_worker  # noqa: E402  (the data, batch size and initial weights)
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+from cluster import free_ports, worker_env  # noqa: E402
 
 
 def _start(out_dir, ports, tag, extra=()):
@@ -52,17 +40,9 @@ def _start(out_dir, ports, tag, extra=()):
     os.makedirs(temp, exist_ok=True)
     workers = []
     for i in range(len(ports)):
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TF_USE_LEGACY_KERAS")
-        }
-        env.update(
-            TF_CPP_MIN_LOG_LEVEL="2",
-            CUDA_VISIBLE_DEVICES="",
-            PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-            TF_USE_LEGACY_KERAS="1",  # Keras 3 `fit` fails under MultiWorkerMirroredStrategy
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-            TMPDIR=temp,
-        )
+        # tf_keras: Keras 3 `fit` fails under MultiWorkerMirroredStrategy.
+        env = worker_env(True, {"cluster": cluster, "task": {"type": "worker", "index": i}})
+        env["TMPDIR"] = temp
         log = open(os.path.join(out_dir, f"log_{tag}_{i}.txt"), "w+")
         process = subprocess.Popen(
             [sys.executable, WORKER, str(out_dir), *extra],
@@ -148,8 +128,8 @@ def test_worker_killed_and_both_restarted_match_uninterrupted_run(tmp_path):
     run_dir.mkdir()
 
     # The uninterrupted reference and the run that gets killed, side by side.
-    reference_workers = _start(reference_dir, _free_ports(2), "uninterrupted")
-    ports = _free_ports(2)
+    reference_workers = _start(reference_dir, free_ports(2), "uninterrupted")
+    ports = free_ports(2)
     killed = _start(run_dir, ports, "killed", ["--kill-at", KILL_AT])
     try:
         killed[1][0].wait(timeout=TIMEOUT_S)
