@@ -87,6 +87,10 @@ def _learning_rate_schedule(optimizer):
     if not IS_KERAS_3:
         # tf_keras optimizers hold the last step's scheduled rate in `learning_rate`.
         return None
+    if isinstance(lr, keras.Variable):
+        # A plain learning rate (wrappers such as LossScaleOptimizer return the inner one's):
+        # no schedule to look up, so per-step reads skip the config below.
+        return None
     # Keras 3 evaluates the schedule when `learning_rate` is read; its config holds the
     # schedule itself (a wrapper such as LossScaleOptimizer delegates to `inner_optimizer`).
     inner = getattr(optimizer, "inner_optimizer", None)
