@@ -434,7 +434,7 @@ class _EnsembleCollector(keras.callbacks.Callback):
         d, cfg = self.data, self.cfg
         # One model's prediction time, for the cost ratios (the copy holds the last snapshot);
         # the first call traces the predict function: time the second.
-        _eval_metrics(self.copy, d, cfg["ece_bins"])
+        self.copy.predict(d["x_eval"], batch_size=_EVAL_BATCH, verbose=0)
         single = _eval_metrics(self.copy, d, cfg["ece_bins"])["predict_s"]
         start = time.perf_counter()
         probs = self.swag.predict(
@@ -540,6 +540,21 @@ class _SWAEvaluator(keras.callbacks.Callback):
 # ---------------------------------------------------------------------------------------- runs
 
 
+def _fit(model, data, cfg, seed, epochs, callbacks):
+    """Trains on the seeded training set, validating every epoch; returns (History, seconds)."""
+    start = time.time()
+    history = model.fit(
+        _train_dataset(data, cfg, seed),
+        shuffle=False,  # the dataset shuffles itself (seeded)
+        epochs=epochs,
+        validation_data=(data["x_eval"], data["y_eval"]),
+        validation_batch_size=_EVAL_BATCH,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    return history, time.time() - start
+
+
 def run_sgd(seed, cfg, data, progress):
     """The SGD baseline (paper schedule, B epochs) and the Keras use_ema EMA of the same run."""
     keras.utils.set_random_seed(seed)
@@ -556,17 +571,7 @@ def run_sgd(seed, cfg, data, progress):
     _compile(model, optimizer)
     final = _FinalIterate(copy, data, budget, cfg["ece_bins"])
     progress.label, progress.epochs = f"[seed {seed}] SGD", budget
-    start = time.time()
-    history = model.fit(
-        _train_dataset(data, cfg, seed),
-        shuffle=False,  # the dataset shuffles itself (seeded)
-        epochs=budget,
-        validation_data=(data["x_eval"], data["y_eval"]),
-        validation_batch_size=_EVAL_BATCH,
-        callbacks=[final, progress],
-        verbose=0,
-    )
-    train_time = time.time() - start
+    history, train_time = _fit(model, data, cfg, seed, budget, [final, progress])
     curve = [float(a) for a in history.history["val_accuracy"]]
     out = {
         "sgd": {
@@ -626,17 +631,9 @@ def run_swa(seed, cfg, data, progress, log):
     evaluator = _SWAEvaluator(swa, copy, data, cfg, log)
     epochs = cfg["marks"]["1.5"]
     progress.label, progress.epochs = f"[seed {seed}] SWA", epochs
-    start = time.time()
-    history = model.fit(
-        _train_dataset(data, cfg, seed),
-        shuffle=False,  # the dataset shuffles itself (seeded)
-        epochs=epochs,
-        validation_data=(data["x_eval"], data["y_eval"]),
-        validation_batch_size=_EVAL_BATCH,
-        callbacks=[swa, ensembles, evaluator, progress],
-        verbose=0,
+    history, train_time = _fit(
+        model, data, cfg, seed, epochs, [swa, ensembles, evaluator, progress]
     )
-    train_time = time.time() - start
     iterate_curve = [float(a) for a in history.history["val_accuracy"]]
     out = {f"swa_{key}": value for key, value in evaluator.at_marks.items()}
     out["swa_no_bn"] = evaluator.no_bn
