@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from swa_worker import GLOBAL_BATCH, LEARNING_RATE, data, initial_weights, task  # noqa: E402
+from swa_worker import GLOBAL_BATCH, data, linear_fit_model, task  # noqa: E402
 
 EPOCHS = 4
 START_EPOCH = 1
@@ -39,10 +39,7 @@ def main(out_dir, kill_at=None):
     assert not IS_KERAS_3, "this worker runs tf_keras (TF_USE_LEGACY_KERAS=1)"
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     x, y = data()
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((4,), name="features"), keras.layers.Dense(1)])
-        model.set_weights(initial_weights([w.shape for w in model.get_weights()]))
-        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
+    model = linear_fit_model(keras, strategy)
     backup_dir = os.path.join(out_dir, "backup")
     swa = SWA(
         start_epoch=START_EPOCH,

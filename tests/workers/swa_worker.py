@@ -51,6 +51,15 @@ def task():
     return f"{info.get('type', 'local')}{info.get('index', 0)}"
 
 
+def linear_fit_model(keras, strategy):
+    """The fit workers' model: Dense(1) on 4 features, the shared initial weights, SGD + MSE."""
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,), name="features"), keras.layers.Dense(1)])
+        model.set_weights(initial_weights([w.shape for w in model.get_weights()]))
+        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
+    return model
+
+
 def run_fit(out_dir):
     from keras_swa import SWA
     from keras_swa.backend import IS_KERAS_3, keras
@@ -58,10 +67,7 @@ def run_fit(out_dir):
     assert not IS_KERAS_3, "the fit worker runs tf_keras (TF_USE_LEGACY_KERAS=1)"
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     x, y = data()
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((4,), name="features"), keras.layers.Dense(1)])
-        model.set_weights(initial_weights([w.shape for w in model.get_weights()]))
-        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
+    model = linear_fit_model(keras, strategy)
     swa = SWA(start_epoch=1, export_dir=os.path.join(out_dir, "export", "model"), verbose=0)
     model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[swa])
     np.savez(
