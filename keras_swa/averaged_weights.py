@@ -2,9 +2,11 @@
 
 This is keras_swa's analogue of torch's `torch.optim.swa_utils.AveragedModel`: it holds one fp32
 average per tracked variable and an integer `n_averaged`, and `update()` folds the current weights
-into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math). It is a
-`tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and `keras.callbacks.BackupAndRestore` carry
-the averages and the count.
+into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math), after a
+NaN/Inf check of the capture in the same call (`keras_swa.finite_check`). The averages of small
+variables share one flat buffer (`keras_swa.packing`), so that the call runs one kernel for them
+instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
+`keras.callbacks.BackupAndRestore` carry the averages and the count.
 
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
 UAI 2018, arXiv 1803.05407.
@@ -15,7 +17,7 @@ import warnings
 
 import tensorflow as tf
 
-from keras_swa import averaging, backend, distribution
+from keras_swa import averaging, backend, distribution, finite_check, packing
 from keras_swa.backend import keras
 
 __all__ = ["AveragedWeights"]
@@ -35,68 +37,19 @@ def _as_tf_variable_dtype(variable):
     return tf.as_dtype(getattr(variable, "dtype", tf.float32))
 
 
-def _finite_flags(variables):
-    """One bool per variable: are all its values finite? (One compiled read of the weights.)"""
-    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
-
-
-# The NaN/Inf check reads every weight once, inside the update's XLA computation. XLA-CPU runs
-# a reduction of a whole tensor serially and materialises its elementwise input (`x * 0`) first
-# (measured: an `is_finite` + `reduce_all` over ResNet-50's weights cost 1-2x the whole update,
-# and `reduce_sum(x * 0)` of 100M weights held one more copy of them). So a large tensor's
-# `_FOLD` equal slices are first added elementwise (one parallel, vectorised loop that reads the
-# weights in place and writes 1/_FOLD of them), and small tensors are reduced in groups of about
-# `_GROUP_SIZE` values (one reduction per group instead of one per tensor).
-_FOLD = 16
-_GROUP_SIZE = _FOLD * 4096
-
-
-def _zeros_or_nans(values):
-    """`values * 0`: 0 where a value is finite, NaN where it is NaN or +-Inf."""
-    return values * tf.constant(0.0, values.dtype)
-
-
-def _probe_large(values, total):
-    """`total` plus the sum of `values * 0`, the slices of `values` added elementwise first."""
-    size = int(values.shape[0])
-    head = size - size % _FOLD
-    rows = tf.reshape(values[:head], [_FOLD, head // _FOLD])
-    # `* 0` on each slice, after slicing: XLA fuses it into the fold and reads the weights in
-    # place (multiplying before slicing materialised a zero-filled copy of them).
-    folded = tf.add_n([_zeros_or_nans(rows[i]) for i in range(_FOLD)])
-    if head < size:
-        total += tf.reduce_sum(_zeros_or_nans(values[head:]))
-    # Adding the running total inside the fold orders the probes one after another, so XLA
-    # reuses one fold buffer instead of keeping every tensor's alive at once (measured).
-    return tf.reduce_sum(folded + total)
-
-
-def _all_finite(variables):
-    """A bool scalar: are all values of all `variables` finite? (Traced into the update.)
-
-    `x * 0` is 0 for every finite `x` and NaN for NaN and +-Inf, and a sum with a NaN in it is
-    NaN, so one `is_finite` on the running sum of the probes checks every weight.
-    """
-    total = tf.constant(0.0)
-    group, group_size = [], 0
-    for variable in variables:
-        values = tf.reshape(tf.cast(variable, tf.float32), [-1])
-        size = int(values.shape[0])
-        if size >= _GROUP_SIZE:
-            total = _probe_large(values, total)
-            continue
-        group.append(values)
-        group_size += size
-        if group_size >= _GROUP_SIZE:
-            total += tf.reduce_sum(_zeros_or_nans(tf.concat(group, 0)))
-            group, group_size = [], 0
-    if group:
-        total += tf.reduce_sum(_zeros_or_nans(tf.concat(group, 0)))
-    return tf.math.is_finite(total)
-
-
 def _variable_name(variable):
     return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
+
+
+def _state_variable(initial, name):
+    """A non-trainable variable, mirrored and written once per device under a strategy."""
+    return tf.Variable(
+        initial,
+        trainable=False,
+        name=name,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
 
 
 class AveragedWeights(tf.Module):
@@ -150,6 +103,10 @@ class AveragedWeights(tf.Module):
     >>> averaged.assign_to(model)     # or keep the averages in the model
     """
 
+    # Variables with fewer floats than this share one flat average (`keras_swa.packing`);
+    # subclasses that update the averages themselves set 0.
+    _pack_below = packing.PACK_BELOW
+
     def __init__(
         self,
         model_or_variables,
@@ -190,33 +147,32 @@ class AveragedWeights(tf.Module):
         self._strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
+        self._layout = packing.Layout([v.shape for v in variables], self._pack_below)
+        layout = self._layout
         with self._strategy.scope():
-            self.averages = [
-                tf.Variable(
-                    tf.zeros(v.shape, tf.float32),
-                    trainable=False,
-                    name=f"average_{i}",
-                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                )
-                for i, v in enumerate(variables)
+            # The checkpointed state: an average per large variable, one flat average of the
+            # small ones (`keras_swa.packing`), and the count.
+            self._own_averages = [
+                _state_variable(tf.zeros(layout.shapes[i], tf.float32), f"average_{i}")
+                for i in layout.own
             ]
-            self.n_averaged = tf.Variable(
-                tf.constant(0, tf.int64),
-                trainable=False,
-                name="n_averaged",
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            self._packed_averages = (
+                _state_variable(tf.zeros([layout.packed_size], tf.float32), "packed_averages")
+                if layout.packed
+                else None
             )
+            self._count = _state_variable(tf.constant(0, tf.int64), "n_averaged")
         self._tf_variables = _Untracked(backend.tf_variable(v) for v in variables)
         self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
         # One compiled update per device, over that device's copies captured by closure: a
         # call then passes no arguments. (Passing the 2 x 214 variables of ResNet-50 as
         # arguments cost ~0.3x the whole update in `tf.function`'s argument handling.) It is
         # traced once, on the first `update()`, and called as a concrete function after.
-        self._update_fn = None  # the single-device (or first device's) `tf.function`
-        self._device_updates = {}  # device -> (tf.function, its concrete function)
-        self._finite_fn = tf.function(_finite_flags, jit_compile=True, autograph=False)
+        self._update_fn = None  # the single-device (or first device's) XLA `tf.function`
+        self._device_updates = {}  # device -> the concrete function of its update
+        # The exact per-variable test that names a bad variable (rare path; not XLA, so that
+        # its temporaries are freed, not kept with a compiled program).
+        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -275,25 +231,51 @@ class AveragedWeights(tf.Module):
         """The model variables whose averages are kept, in the order of `averages`."""
         return list(self._source.variables)
 
+    @property
+    def n_averaged(self):
+        """The number of captures folded in: an int64 `tf.Variable`."""
+        return self._count
+
+    @property
+    def averages(self):
+        """The current average of each tracked variable: fp32 tensors, in the order of
+        `tracked_variables` (a snapshot; write them into a model with `assign_to` or `swap`)."""
+        own = [tf.convert_to_tensor(a) for a in self._own_averages]
+        packed = self._packed_averages
+        return self._layout.unpack(own, None if packed is None else tf.convert_to_tensor(packed))
+
+    def _storage(self):
+        """The variables that hold the averages: the own ones, then the packed one if any."""
+        packed = [] if self._packed_averages is None else [self._packed_averages]
+        return list(self._own_averages) + packed
+
     # ------------------------------------------------------------------ the update
 
-    def _make_update(self, averages, variables, n_averaged):
-        """The compiled update of `averages` from `variables` (one device's copies)."""
-        mode, decay = self._mode, self._decay
-        check = self._nonfinite != "ignore"
-        averages, variables = list(averages), list(variables)
+    def _make_update(self, storage, variables, n_averaged, check):
+        """The compiled update of one device's `storage` (see `_storage`) from `variables`.
+
+        With `check`, the fast NaN/Inf test (`finite_check.sums_are_finite`, one read of the
+        weights) runs first in the same XLA computation, and a capture that fails it leaves
+        every average and the count as they were; the function returns the test's result.
+        """
+        mode, decay, layout = self._mode, self._decay, self._layout
+        storage, variables = list(storage), list(variables)
 
         def update_all():
-            # One XLA computation: the NaN/Inf probe (one read of the weights), then the
-            # update of every average in place; a capture holding NaN/Inf leaves every average
-            # and the count as they were (`ok` is False).
             n = n_averaged.read_value()
-            ok = _all_finite(variables) if check else tf.constant(True)
-            for average, variable in zip(averages, variables):
+            pairs = [(average, variables[i]) for average, i in zip(storage, layout.own)]
+            packed = layout.pack(variables) if layout.packed else None
+            if packed is not None:
+                pairs.append((storage[-1], packed))
+            if check:
+                ok = finite_check.sums_are_finite([value for _, value in pairs])
+            else:
+                ok = tf.constant(True)
+            for average, value in pairs:
                 if mode == "swa":
-                    new = averaging.swa_update(average, variable, n)
+                    new = averaging.swa_update(average, value, n)
                 else:
-                    new = averaging.ema_update(average, variable, decay, n)
+                    new = averaging.ema_update(average, value, decay, n)
                 if check:
                     new = tf.where(ok, new, average)
                 average.assign(new)
@@ -302,28 +284,56 @@ class AveragedWeights(tf.Module):
 
         return tf.function(update_all, jit_compile=True, autograph=False)
 
-    def _local_update(self, averages, variables, n_averaged):
+    def _make_checked_update(self, storage, variables, n_averaged):
+        """The fast-checked compiled update, and the exact check behind a failed fast test.
+
+        When the fast test fails (a NaN/Inf, or finite weights so large that their sum
+        overflowed), the exact per-element test decides: if every weight is finite after all,
+        the capture is folded in by the unchecked compiled update. Returns the
+        `tf.function` that does all of it (it returns whether the capture was folded in) and
+        the fast-checked XLA function inside it.
+        """
+        checked = self._make_update(storage, variables, n_averaged, check=True)
+        unchecked = self._make_update(storage, variables, n_averaged, check=False)
+        variables = list(variables)
+
+        def exact():
+            return tf.cond(
+                finite_check.all_finite(variables), unchecked, lambda: tf.constant(False)
+            )
+
+        def update():
+            return tf.cond(checked(), lambda: tf.constant(True), exact)
+
+        return tf.function(update, autograph=False), checked
+
+    def _local_update(self, storage, variables, n_averaged):
         """Runs (building on first use) the compiled update of one device's copies."""
         key = n_averaged.device
         if key not in self._device_updates:
-            function = self._make_update(averages, variables, n_averaged)
-            self._device_updates[key] = (function, function.get_concrete_function())
+            if self._nonfinite == "ignore":
+                function = compiled = self._make_update(
+                    storage, variables, n_averaged, check=False
+                )
+            else:
+                function, compiled = self._make_checked_update(storage, variables, n_averaged)
+            self._device_updates[key] = function.get_concrete_function()
             if self._update_fn is None:
-                self._update_fn = function
-        return self._device_updates[key][1]()
+                self._update_fn = compiled
+        return self._device_updates[key]()
 
     def _update_on_each_device(self, strategy=None):
         # `extended.update` calls the function once per device with that device's local
         # copies of the averages, the weights and the count: no cross-device traffic.
         strategy = strategy or self._strategy
 
-        def local_update(n_averaged, averages, variables):
-            return self._local_update(averages, variables, n_averaged)
+        def local_update(n_averaged, storage, variables):
+            return self._local_update(storage, variables, n_averaged)
 
         results = strategy.extended.update(
-            self.n_averaged,
+            self._count,
             local_update,
-            args=(list(self.averages), list(self._tf_variables.variables)),
+            args=(self._storage(), list(self._tf_variables.variables)),
             group=True,
         )
         return tf.reduce_all(
@@ -336,7 +346,7 @@ class AveragedWeights(tf.Module):
         Call it from a custom training loop whenever a capture is due, outside or inside a
         `tf.function`. Under a `tf.distribute` strategy it runs once per device on that device's
         copies (every replica holds identical, mirrored weights). The NaN/Inf check (unless
-        `nonfinite="ignore"`) runs inside the same compiled call.
+        `nonfinite="ignore"`) runs inside the same compiled call (`keras_swa.finite_check`).
 
         Returns:
             `True` if the weights were folded in; `False` if a non-finite capture was skipped
@@ -356,7 +366,7 @@ class AveragedWeights(tf.Module):
             return None
         if bool(ok):
             return True
-        # Rare path: find the bad variables to name them (a second, slower compiled read).
+        # Rare path: find the bad variables to name them (a second, exact read).
         flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
         if flags.all():  # the weights changed between the two reads
             flags[:] = False
@@ -381,7 +391,7 @@ class AveragedWeights(tf.Module):
         """Runs the compiled update on every device; returns the (bool scalar) all-finite flag."""
         if not self._distributed:
             return self._local_update(
-                self.averages, self._tf_variables.variables, self.n_averaged
+                self._storage(), self._tf_variables.variables, self._count
             )
         if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
             # Inside `strategy.run`: step out to the cross-replica context once.
@@ -393,9 +403,9 @@ class AveragedWeights(tf.Module):
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""
-        for average in self.averages:
+        for average in self._storage():
             average.assign(tf.zeros_like(average))
-        self.n_averaged.assign(0)
+        self._count.assign(0)
 
     # ------------------------------------------------------------------ writing back
 
@@ -403,17 +413,18 @@ class AveragedWeights(tf.Module):
         if model is None:
             return list(self._source.variables)
         target = self._collect_variables(model, self._include_non_trainable)
-        if len(target) != len(self.averages):
+        shapes = self._layout.shapes
+        if len(target) != len(shapes):
             raise ValueError(
                 "The model's variables do not match the averages: "
-                f"expected {len(self.averages)} variables, the model has {len(target)}. "
+                f"expected {len(shapes)} variables, the model has {len(target)}. "
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
-        for i, (t, a) in enumerate(zip(target, self.averages)):
-            if tuple(t.shape) != tuple(a.shape):
+        for i, (t, shape) in enumerate(zip(target, shapes)):
+            if tuple(t.shape) != shape:
                 raise ValueError(
                     f"Variable {i} ({getattr(t, 'path', getattr(t, 'name', ''))!r}) has shape "
-                    f"{tuple(t.shape)} but its average has shape {tuple(a.shape)}. "
+                    f"{tuple(t.shape)} but its average has shape {shape}. "
                     f"Received: model={getattr(model, 'name', model)!r}"
                 )
         return target

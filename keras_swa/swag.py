@@ -134,6 +134,9 @@ class SWAG(AveragedWeights):
     (2, 2)
     """
 
+    # SWAG's own compiled update writes the averages beside its statistics, one per variable.
+    _pack_below = 0
+
     def __init__(self, model, max_rank=20, nonfinite="raise", seed=None, name="swag"):
         if not _is_int(max_rank) or max_rank < 1:
             raise ValueError(
@@ -147,10 +150,12 @@ class SWAG(AveragedWeights):
         self._source.model = model if isinstance(model, keras.Model) else None
         self._rng = np.random.default_rng(seed)
         with self._strategy.scope():
-            self.m2s = [self._statistic(a.shape, f"m2_{i}") for i, a in enumerate(self.averages)]
+            self.m2s = [
+                self._statistic(a.shape, f"m2_{i}") for i, a in enumerate(self._own_averages)
+            ]
             self.deviations = [
                 self._statistic([self._max_rank] + list(a.shape), f"deviations_{i}")
-                for i, a in enumerate(self.averages)
+                for i, a in enumerate(self._own_averages)
             ]
         max_rank = self._max_rank
         self._update_fn = tf.function(
@@ -179,7 +184,7 @@ class SWAG(AveragedWeights):
     # ------------------------------------------------------------------ the update
 
     def _state(self):
-        return (list(self.averages), list(self.m2s), list(self.deviations))
+        return (list(self._own_averages), list(self.m2s), list(self.deviations))
 
     def update(self):
         """Folds the current weights into the mean, the M2 sums and the deviation ring buffer.
@@ -232,7 +237,7 @@ class SWAG(AveragedWeights):
                             n_averaged)
 
         strategy.extended.update(
-            self.n_averaged,
+            self._count,
             local_update,
             args=(*self._state(), list(self._tf_variables.variables)),
             group=True,
@@ -240,7 +245,7 @@ class SWAG(AveragedWeights):
 
     def reset(self):
         """Forgets every capture: mean, variance and deviation columns start afresh."""
-        for variable in list(self.averages) + list(self.m2s) + list(self.deviations):
+        for variable in [v for group in self._state() for v in group]:
             variable.assign(tf.zeros_like(variable))
         self.n_averaged.assign(0)
 

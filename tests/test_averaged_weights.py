@@ -19,6 +19,18 @@ def _model():
     )
 
 
+def _wide_model():
+    """Two kernels of >= 16,384 floats (averages of their own) and small variables (packed)."""
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4096),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(5),
+        ]
+    )
+
+
 def _perturb(variables, rng):
     for v in variables:
         v.assign(v.numpy() + rng.normal(size=v.shape).astype(v.numpy().dtype))
@@ -28,8 +40,9 @@ def _snapshot(variables):
     return [v.numpy().astype(np.float64) for v in variables]
 
 
-def test_update_equals_numpy_mean_of_recorded_weights():
-    model = _model()
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+def test_update_equals_numpy_mean_of_recorded_weights(make_model):
+    model = make_model()
     averaged = AveragedWeights(model)
     rng = np.random.default_rng(0)
     recorded = []
@@ -44,8 +57,9 @@ def test_update_equals_numpy_mean_of_recorded_weights():
         assert average.dtype == tf.float32
 
 
-def test_first_update_copies_exactly():
-    model = _model()
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+def test_first_update_copies_exactly(make_model):
+    model = make_model()
     averaged = AveragedWeights(model)
     averaged.update()
     for average, v in zip(averaged.averages, model.trainable_variables):
@@ -330,9 +344,10 @@ def test_bad_nonfinite_policy():
         AveragedWeights(_model(), nonfinite="warn")
 
 
-# Sizes that take each path of the NaN/Inf probe: a large tensor folded into 16 slices before
-# the reduction (69632 = 16 * 4352), a large one that cannot be folded (odd size), a small one.
-_PROBE_SHAPES = [(256, 272), (65537,), (3,)]
+# Shapes that take each path of the storage (keras_swa.packing) and so of the NaN/Inf test
+# (keras_swa.finite_check, a sum per stored tensor): large tensors with averages of their own,
+# and two small ones whose values are packed into one flat average.
+_PROBE_SHAPES = [(256, 272), (65537,), (3,), (7, 2)]
 
 
 def test_any_single_nonfinite_value_is_caught():
@@ -362,6 +377,42 @@ def test_any_single_nonfinite_value_is_caught():
         np.testing.assert_allclose(
             a.numpy(), (v.astype(np.float64) + r) / 2, rtol=1e-6, atol=1e-6
         )
+
+
+def test_small_averages_share_one_variable_and_checkpoint_with_the_large_ones(tmp_path):
+    model = _wide_model()
+    averaged = AveragedWeights(model)
+    large = [v for v in model.trainable_variables if np.prod(v.shape) >= 16384]
+    assert len(large) == 2  # the 4 x 4096 and 4096 x 5 kernels
+    # An average per large variable, one flat average of the 4 small ones, the count.
+    assert len(averaged.variables) == len(large) + 2
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        averaged.update()
+    saved = [a.numpy().copy() for a in averaged.averages]
+    path = tf.train.Checkpoint(swa=averaged).save(str(tmp_path / "ckpt"))
+    restored = AveragedWeights(model)
+    tf.train.Checkpoint(swa=restored).restore(path).assert_consumed()
+    assert int(restored.n_averaged.numpy()) == 3
+    for s, a, v in zip(saved, restored.averages, model.trainable_variables):
+        assert a.shape == v.shape
+        np.testing.assert_array_equal(s, a.numpy())
+
+
+@pytest.mark.parametrize("in_tf_function", [False, True])
+def test_finite_weights_whose_sum_overflows_are_folded_in(in_tf_function):
+    # The fast NaN/Inf test is a sum, which overflows to inf for these finite weights; the
+    # exact test behind it must then let the capture through.
+    big = np.float32(3e38)
+    large = tf.Variable(np.full([20000], big, np.float32))
+    small = [tf.Variable([big, big]), tf.Variable([1.0])]
+    averaged = AveragedWeights([large] + small)
+    update = tf.function(averaged.update) if in_tf_function else averaged.update
+    update()
+    assert int(averaged.n_averaged.numpy()) == 1
+    for a, v in zip(averaged.averages, [large] + small):
+        np.testing.assert_array_equal(a.numpy(), v.numpy())
 
 
 def test_nonfinite_bf16_variable_is_caught():

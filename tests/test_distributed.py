@@ -35,6 +35,13 @@ def _mlp(name_bn="bn", synchronized=False):
     )
 
 
+def _mlp_with_a_large_kernel():
+    """A kernel of 16,384 floats (an average of its own) beside small ones (packed together)."""
+    return keras.Sequential(
+        [keras.Input((4,)), L.Dense(4096, name="wide"), L.BatchNormalization(), L.Dense(1)]
+    )
+
+
 def _data(n, d=4, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(n, d)) * 2.0 + 1.5).astype("float32")
@@ -46,6 +53,15 @@ def _local(strategy, variable):
         np.asarray(v, dtype=np.float64)
         for v in strategy.experimental_local_results(tf_variable(variable))
     ]
+
+
+def _assert_mirrored(strategy, averaged):
+    """Every variable that holds the averages (and the count) is equal on both replicas."""
+    assert averaged.variables
+    for variable in averaged.variables:
+        copies = _local(strategy, variable)
+        assert len(copies) == 2
+        np.testing.assert_array_equal(copies[0], copies[1])
 
 
 def _shares(batch, num_replicas):
@@ -82,7 +98,7 @@ def _assert_bn(strategy, layer, expected):
 @pytest.mark.parametrize("created_in_scope", [True, False])
 def test_averages_are_mirrored_and_equal_numpy_means(strategy, created_in_scope):
     with strategy.scope():
-        model = _mlp()
+        model = _mlp_with_a_large_kernel()
     if created_in_scope:
         with strategy.scope():
             averaged = AveragedWeights(model)
@@ -96,12 +112,10 @@ def test_averages_are_mirrored_and_equal_numpy_means(strategy, created_in_scope)
         recorded.append([np.asarray(v, np.float64) for v in model.trainable_variables])
         averaged.update()
     assert int(averaged.n_averaged.numpy()) == 5
+    _assert_mirrored(strategy, averaged)
     for i, average in enumerate(averaged.averages):
-        copies = _local(strategy, average)
-        assert len(copies) == 2
-        np.testing.assert_array_equal(copies[0], copies[1])
         expected = np.mean([r[i] for r in recorded], axis=0)
-        np.testing.assert_allclose(copies[0], expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(average.numpy(), expected, rtol=1e-6, atol=1e-6)
     # One compiled function, traced at most once per device, never again across updates.
     assert averaged._update_fn.experimental_get_tracing_count() <= strategy.num_replicas_in_sync
     traces = averaged._update_fn.experimental_get_tracing_count()
@@ -143,11 +157,10 @@ def test_update_inside_strategy_run_in_a_custom_train_step(strategy):
     assert len(recorded) == 4
     assert int(averaged.n_averaged.numpy()) == 4
     assert not np.allclose(recorded[0][0], recorded[-1][0])  # training moved the weights
+    _assert_mirrored(strategy, averaged)
     for i, average in enumerate(averaged.averages):
-        copies = _local(strategy, average)
-        np.testing.assert_array_equal(copies[0], copies[1])
         np.testing.assert_allclose(
-            copies[0], np.mean([r[i] for r in recorded], axis=0), rtol=1e-6, atol=1e-6
+            average.numpy(), np.mean([r[i] for r in recorded], axis=0), rtol=1e-6, atol=1e-6
         )
 
 
