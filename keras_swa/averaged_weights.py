@@ -13,6 +13,7 @@ UAI 2018, arXiv 1803.05407.
 """
 
 import contextlib
+import functools
 import warnings
 
 import tensorflow as tf
@@ -169,7 +170,7 @@ class AveragedWeights(tf.Module):
         # arguments cost ~0.3x the whole update in `tf.function`'s argument handling.) It is
         # traced once, on the first `update()`, and called as a concrete function after.
         self._update_fn = None  # the single-device (or first device's) XLA `tf.function`
-        self._device_updates = {}  # device -> the concrete function of its update
+        self._device_updates = {}  # "device checked=?" -> the concrete function of its update
         # The exact per-variable test that names a bad variable (rare path; not XLA, so that
         # its temporaries are freed, not kept with a compiled program).
         self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
@@ -284,51 +285,41 @@ class AveragedWeights(tf.Module):
 
         return tf.function(update_all, jit_compile=True, autograph=False)
 
-    def _make_checked_update(self, storage, variables, n_averaged):
-        """The fast-checked compiled update, and the exact check behind a failed fast test.
+    def _local_update(self, storage, variables, n_averaged, check=True):
+        """Runs (building on first use) the compiled update of one device's copies.
 
-        When the fast test fails (a NaN/Inf, or finite weights so large that their sum
-        overflowed), the exact per-element test decides: if every weight is finite after all,
-        the capture is folded in by the unchecked compiled update. Returns the
-        `tf.function` that does all of it (it returns whether the capture was folded in) and
-        the fast-checked XLA function inside it.
+        Eagerly this is the compiled call alone; `update()` handles a failed fast test. In a
+        graph (inside a `tf.function`), a failed fast test is decided here, per device, by
+        the exact test, and a capture that passes it is folded in without the fast test.
         """
-        checked = self._make_update(storage, variables, n_averaged, check=True)
-        unchecked = self._make_update(storage, variables, n_averaged, check=False)
+        check = check and self._nonfinite != "ignore"
+        key = f"{n_averaged.device} checked={check}"  # a str: tf.Module tracks this dict
+        if key not in self._device_updates:
+            function = self._make_update(storage, variables, n_averaged, check)
+            self._device_updates[key] = function.get_concrete_function()
+            if self._update_fn is None and check == (self._nonfinite != "ignore"):
+                self._update_fn = function
+        ok = self._device_updates[key]()
+        if not check or tf.executing_eagerly():
+            return ok
         variables = list(variables)
 
         def exact():
             return tf.cond(
-                finite_check.all_finite(variables), unchecked, lambda: tf.constant(False)
+                finite_check.all_finite(variables),
+                lambda: self._local_update(storage, variables, n_averaged, check=False),
+                lambda: tf.constant(False),
             )
 
-        def update():
-            return tf.cond(checked(), lambda: tf.constant(True), exact)
+        return tf.cond(ok, lambda: tf.constant(True), exact)
 
-        return tf.function(update, autograph=False), checked
-
-    def _local_update(self, storage, variables, n_averaged):
-        """Runs (building on first use) the compiled update of one device's copies."""
-        key = n_averaged.device
-        if key not in self._device_updates:
-            if self._nonfinite == "ignore":
-                function = compiled = self._make_update(
-                    storage, variables, n_averaged, check=False
-                )
-            else:
-                function, compiled = self._make_checked_update(storage, variables, n_averaged)
-            self._device_updates[key] = function.get_concrete_function()
-            if self._update_fn is None:
-                self._update_fn = compiled
-        return self._device_updates[key]()
-
-    def _update_on_each_device(self, strategy=None):
+    def _update_on_each_device(self, strategy=None, check=True):
         # `extended.update` calls the function once per device with that device's local
         # copies of the averages, the weights and the count: no cross-device traffic.
         strategy = strategy or self._strategy
 
         def local_update(n_averaged, storage, variables):
-            return self._local_update(storage, variables, n_averaged)
+            return self._local_update(storage, variables, n_averaged, check)
 
         results = strategy.extended.update(
             self._count,
@@ -366,10 +357,10 @@ class AveragedWeights(tf.Module):
             return None
         if bool(ok):
             return True
-        # Rare path: find the bad variables to name them (a second, exact read).
+        # Rare path: the exact test decides, and names the bad variables.
         flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
-        if flags.all():  # the weights changed between the two reads
-            flags[:] = False
+        if flags.all():  # finite weights whose sum overflowed: fold them in after all
+            return bool(self._apply_update(check=False))
         return self._finite_or_report(flags)
 
     def _finite_or_report(self, flags, poisoned="the average"):
@@ -387,19 +378,20 @@ class AveragedWeights(tf.Module):
         warnings.warn(message + " The capture is skipped.", stacklevel=3)
         return False
 
-    def _apply_update(self):
+    def _apply_update(self, check=True):
         """Runs the compiled update on every device; returns the (bool scalar) all-finite flag."""
         if not self._distributed:
             return self._local_update(
-                self._storage(), self._tf_variables.variables, self._count
+                self._storage(), self._tf_variables.variables, self._count, check
             )
+        update = functools.partial(self._update_on_each_device, check=check)
         if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
             # Inside `strategy.run`: step out to the cross-replica context once.
-            return tf.distribute.get_replica_context().merge_call(self._update_on_each_device)
+            return tf.distribute.get_replica_context().merge_call(update)
         if tf.distribute.has_strategy():
-            return self._update_on_each_device()
+            return update()
         with self._strategy.scope():
-            return self._update_on_each_device()
+            return update()
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""

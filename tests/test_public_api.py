@@ -34,6 +34,8 @@ MODULES = [
     "keras_swa.distribution",
     "keras_swa.swag",
     "keras_swa.fge",
+    "keras_swa.finite_check",
+    "keras_swa.packing",
 ]
 
 
