@@ -29,7 +29,9 @@ write `avg`). This benchmark times one full update of all averages, side by side
   the same memory bandwidth.
 
 The shapes are read from `keras.applications.ResNet50(weights=None)` (no download). Targets,
-stated in the output: the product within 1.2x of the floor, and no slower than torch's foreach.
+stated in the output for the default update and for `nonfinite="ignore"` (the same work as the
+floor and torch, without the NaN/Inf check's extra read): within 1.2x of the floor, and no slower
+than torch's foreach.
 The verdicts use medians of per-round ratios; the ratios of the minimums (the uncontended cost
 on a shared machine) are reported beside them.
 
@@ -310,35 +312,48 @@ def main(_):
         results.append(row)
     by_name = {r["name"]: r for r in results}
 
-    targets = [
-        {
-            "name": "product within 1.2x of the floor",
-            "value": by_name[PRODUCT]["ratio_to_floor"],
-            "target": TARGET_RATIO_TO_FLOOR,
-            "met": by_name[PRODUCT]["ratio_to_floor"] <= TARGET_RATIO_TO_FLOOR,
-            "value_from_minimums": by_name[PRODUCT]["ratio_of_minimums_to_floor"],
-        }
-    ]
-    if torch is not None:
+    # Both the default update (which also reads every weight once for the NaN/Inf check) and
+    # the update alone (`nonfinite="ignore"`: the same work as the floor and torch's foreach)
+    # are judged against the targets.
+    judged = [(PRODUCT, "product"), (PRODUCT_NO_CHECK, 'product with nonfinite="ignore"')]
+    targets = []
+    for variant, label in judged:
+        row = by_name[variant]
         targets.append(
             {
-                "name": "product no slower than torch foreach",
-                "value": by_name[PRODUCT]["ratio_to_torch_foreach"],
-                "target": TARGET_RATIO_TO_TORCH,
-                "met": by_name[PRODUCT]["ratio_to_torch_foreach"] <= TARGET_RATIO_TO_TORCH,
-                "value_from_minimums": by_name[PRODUCT]["ratio_of_minimums_to_torch_foreach"],
+                "name": f"{label} within 1.2x of the floor",
+                "value": row["ratio_to_floor"],
+                "target": TARGET_RATIO_TO_FLOOR,
+                "met": row["ratio_to_floor"] <= TARGET_RATIO_TO_FLOOR,
+                "value_from_minimums": row["ratio_of_minimums_to_floor"],
             }
         )
-    else:
-        targets.append(
-            {
-                "name": "product no slower than torch foreach",
-                "value": None,
-                "target": TARGET_RATIO_TO_TORCH,
-                "met": None,
-                "note": why_not,
-            }
-        )
+        if torch is not None:
+            targets.append(
+                {
+                    "name": f"{label} no slower than torch foreach",
+                    "value": row["ratio_to_torch_foreach"],
+                    "target": TARGET_RATIO_TO_TORCH,
+                    "met": row["ratio_to_torch_foreach"] <= TARGET_RATIO_TO_TORCH,
+                    "value_from_minimums": row["ratio_of_minimums_to_torch_foreach"],
+                }
+            )
+        else:
+            targets.append(
+                {
+                    "name": f"{label} no slower than torch foreach",
+                    "value": None,
+                    "target": TARGET_RATIO_TO_TORCH,
+                    "met": None,
+                    "note": why_not,
+                }
+            )
+    notes.append(
+        "the default update checks the capture for NaN/Inf before it writes any average (a "
+        "capture is refused as a whole), so it reads every weight twice: 4 bytes more per "
+        "float than the floor's 12 (read w and avg, write avg), a lower bound of 16/12 = "
+        "1.33x the floor by memory traffic alone. The floor and torch's foreach do no check."
+    )
 
     headers = [
         "variant",
