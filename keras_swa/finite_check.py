@@ -1,18 +1,19 @@
-"""The NaN/Inf check of a capture: a fast test traced into the update, an exact one behind it.
+"""The NaN/Inf check of a capture: a fast test before the update, an exact one behind it.
 
 A capture whose weights hold a NaN or an infinity (training diverged) must not reach the
 averages, and it must be refused as a whole, so the check finishes before the first average is
 written: it is one extra read of the weights, and should cost no more than that read.
 
-`sums_are_finite` is the fast test, traced into the update's XLA computation: one plain
-`reduce_sum` per tensor. A sum is NaN or infinite whenever a value is, so a finite total proves
-every value finite. The converse fails only when finite weights of enormous size (~1e31 on
-average, or single values near the float32 limit of 3.4e38) overflow the sum: then
-`all_finite`, the exact per-element test, decides. The plain sum is what XLA-CPU does best here
-(measured on 100M floats): an elementwise step before the reduction (`x * 0`, `abs`,
-`is_finite`) was materialised as a full temporary copy of the weights, kept by the compiled
-program; slicing and adding ("folding") first read a little faster but made the compiled program
-grow by ~4-8 MiB per tensor.
+`sums_are_finite` is the fast test: one plain `reduce_sum` per tensor, run as ordinary
+TensorFlow ops in the same graph call as (and before) the XLA-compiled update. A sum is NaN or
+infinite whenever a value is, so a finite total proves every value finite. The converse fails
+only when finite weights of enormous size (~1e31 on average, or single values near the float32
+limit of 3.4e38) overflow the sum: then `all_finite`, the exact per-element test, decides.
+Measured on 100M floats and on ResNet-50's weights: inside XLA-CPU an elementwise step before
+the reduction (`x * 0`, `abs`, `is_finite`) was materialised as a full temporary copy of the
+weights, folding slices first made the compiled program grow by ~4-8 MiB per tensor, and even
+plain XLA sums kept ~0.7 MiB per tensor; TensorFlow's own reductions read as fast or faster
+and keep nothing.
 """
 
 import tensorflow as tf
