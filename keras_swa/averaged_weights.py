@@ -2,10 +2,10 @@
 
 This is keras_swa's analogue of torch's `torch.optim.swa_utils.AveragedModel`: it holds one fp32
 average per tracked variable and an integer `n_averaged`, and `update()` folds the current weights
-into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math), after a
-NaN/Inf check of the capture in the same call (`keras_swa.finite_check`). The averages of small
-variables share one flat buffer (`keras_swa.packing`), so that the call runs one kernel for them
-instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
+into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math), behind a
+NaN/Inf check of the capture run first in the same graph call (`keras_swa.finite_check`). The
+averages of small variables share one flat buffer (`keras_swa.packing`), so that the call runs
+one kernel for them instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
 `keras.callbacks.BackupAndRestore` carry the averages and the count.
 
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",

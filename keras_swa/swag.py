@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_swa import averaging, backend
-from keras_swa.averaged_weights import AveragedWeights
+from keras_swa.averaged_weights import AveragedWeights, _state_variable
 from keras_swa.batch_norm import update_bn
 from keras_swa.backend import keras
 
@@ -173,13 +173,7 @@ class SWAG(AveragedWeights):
 
     @staticmethod
     def _statistic(shape, name):
-        return tf.Variable(
-            tf.zeros(shape, tf.float32),
-            trainable=False,
-            name=name,
-            synchronization=tf.VariableSynchronization.ON_WRITE,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
+        return _state_variable(tf.zeros(shape, tf.float32), name)
 
     # ------------------------------------------------------------------ the update
 
