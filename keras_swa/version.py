@@ -1,3 +1,6 @@
-"""The keras_swa version, read by setup.py and exposed as `keras_swa.__version__`."""
+"""The keras_swa version, read by pyproject.toml and exposed as `keras_swa.__version__`.
 
-__version__ = "0.1.0"
+Bump it whenever a saved format changes (see CHANGELOG.md).
+"""
+
+__version__ = "0.2.0"

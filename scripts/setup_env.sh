@@ -41,13 +41,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 # keras_swa itself is installed from a freshly built wheel (not the source tree), so the tests
-# check what users get; its dependencies are installed once, and again when setup.py changes.
+# check what users get; its dependencies (the `test` extra: pytest, tf_keras, jax; the `bench`
+# extra: absl-py, matplotlib) are installed once, and again when pyproject.toml changes.
 WHEELS="$(mktemp -d)"
 "$VENV/bin/python" -m pip wheel -q --no-deps -w "$WHEELS" "$ROOT" >/dev/null
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info
 WHEEL="$(ls "$WHEELS"/keras_swa_tf-*.whl)"
 STAMP="$VENV/.keras_swa-deps-installed"
-if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "+ installing keras_swa's dependencies into $VENV" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q "$WHEEL[test,bench]"
