@@ -1,5 +1,11 @@
-"""Every ```python block of the README runs (with tf_keras swapped in under TF_USE_LEGACY_KERAS)."""
+"""Every ```python block of README.md and docs/*.md runs (tf_keras swapped in under TF_USE_LEGACY_KERAS).
 
+A block runs as written, in a fresh namespace and an empty working directory; its own `assert`s
+and the errors it raises are what fail the test. Blocks that build a `tf.distribute` strategy run
+in a subprocess, since a strategy's collectives stay set up for the whole process.
+"""
+
+import glob
 import os
 import re
 import subprocess
@@ -9,27 +15,64 @@ import pytest
 
 from keras_swa.backend import IS_KERAS_3
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCUMENTS = ["README.md"] + sorted(
+    os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 
 
-def _python_blocks():
-    with open(README, encoding="utf-8") as f:
+def _python_blocks(document):
+    with open(os.path.join(ROOT, document), encoding="utf-8") as f:
         text = f.read()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+_BLOCKS = [
+    (document, index, code)
+    for document in DOCUMENTS
+    for index, code in enumerate(_python_blocks(document))
+]
 
 
 def test_readme_has_examples():
-    assert len(_python_blocks()) >= 3
+    assert len(_python_blocks("README.md")) >= 2  # the fit example and the custom loop
 
 
-@pytest.mark.parametrize("index", range(len(_python_blocks())))
-def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
+def test_relative_links_resolve():
+    # Every relative link of README.md and docs/*.md names a file of the checkout, and every
+    # docs page is reachable from the README.
+    linked = set()
+    for document in DOCUMENTS:
+        with open(os.path.join(ROOT, document), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"^[a-z]+://", target):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(document), target))
+            assert os.path.exists(path), f"{document} links to {target!r}, which does not exist"
+            if document == "README.md":
+                linked.add(os.path.relpath(path, ROOT))
+    pages = [d for d in DOCUMENTS if d.startswith("docs" + os.sep)]
+    assert pages, "docs/ has no pages"
+    assert not set(pages) - linked, f"docs pages the README does not link: {set(pages) - linked}"
+
+
+def test_every_python_fence_is_collected():
+    # A ```python fence the pattern above missed (say, indented) would never run: count them.
+    for document in DOCUMENTS:
+        with open(os.path.join(ROOT, document), encoding="utf-8") as f:
+            fences = sum(1 for line in f if line.strip() == "```python")
+        assert fences == len(_python_blocks(document)), document
+
+
+@pytest.mark.parametrize(
+    "document,index,code", _BLOCKS, ids=[f"{d}[{i}]" for d, i, _ in _BLOCKS]
+)
+def test_example_runs(document, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = _python_blocks()[index]
     if not IS_KERAS_3:
         code = re.sub(r"^import keras$", "import tf_keras as keras", code, flags=re.M)
     if "Strategy(" in code:
-        # A strategy's collectives stay set up for the whole process: keep them out of ours.
         script = tmp_path / "example.py"
         script.write_text(code)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -39,4 +82,4 @@ def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
                               timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return
-    exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, f"{document}[python block {index}]", "exec"), {"__name__": "__doc_example__"})
