@@ -156,3 +156,14 @@ def test_installed_wheel_imports(wheel, tmp_path):
     assert version == _source_version()
     assert typed == "True"
     assert complete == "True"
+
+
+def test_documented_wheel_names_carry_the_version():
+    # The install instructions name the wheel file: they must follow a version bump.
+    pages = ["README.md"] + [os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
+                             if n.endswith(".md")]
+    version = _source_version()
+    for page in pages:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            for named in re.findall(r"keras_swa_tf-([^-\s]+)-py3-none-any\.whl", f.read()):
+                assert named == version, f"{page} names the wheel of {named}, not {version}"
