@@ -117,6 +117,7 @@ class AveragedWeights(tf.Module):
         nonfinite="raise",
         name="averaged_weights",
     ):
+        backend.require_backend("AveragedWeights")
         super().__init__(name=name)
         if mode not in _MODES:
             raise ValueError(

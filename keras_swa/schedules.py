@@ -27,6 +27,7 @@ import operator
 
 import tensorflow as tf
 
+from keras_swa import backend
 from keras_swa.backend import keras
 
 __all__ = [
@@ -117,7 +118,13 @@ def _int_step(step):
 
 
 class _Schedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Shared `from_config` that rejects keys `__init__` does not take."""
+    """Shared `from_config` that rejects keys `__init__` does not take; the backend check."""
+
+    def __init__(self):
+        # The schedules are TensorFlow ops: inside another backend's compiled train step they
+        # would fail on its traced step, so they are refused when they are made.
+        backend.require_backend("schedules")
+        super().__init__()
 
     @classmethod
     def from_config(cls, config):
