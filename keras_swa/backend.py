@@ -19,6 +19,7 @@ __all__ = [
     "IS_KERAS_3",
     "SUPPORTED_BACKENDS",
     "keras",
+    "ops",
     "backend_name",
     "batch_norm_layers",
     "get_learning_rate",
@@ -32,15 +33,19 @@ __all__ = [
 if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
     import tf_keras as keras  # noqa: F401  (re-exported)
 
+    # tf_keras has no `keras.ops`; the TensorFlow functions the shared math uses (`cast`,
+    # `equal`, `where`, `zeros`, `convert_to_tensor`) have the same names and arguments.
+    ops = tf
     IS_KERAS_3 = False
 else:
     import keras  # noqa: F401  (re-exported)
+    from keras import ops  # noqa: F401  (re-exported)
 
     IS_KERAS_3 = True
 
 # The Keras backends each public entry point runs on (tf_keras always runs on TensorFlow).
 SUPPORTED_BACKENDS = {
-    "AveragedWeights": ("tensorflow",),
+    "AveragedWeights": ("tensorflow", "jax"),
     "SWA": ("tensorflow",),
     "SWAG": ("tensorflow",),
     "FGE": ("tensorflow",),
