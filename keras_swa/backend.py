@@ -23,6 +23,8 @@ __all__ = [
     "backend_name",
     "batch_norm_layers",
     "get_learning_rate",
+    "index_dtype",
+    "is_floating",
     "iter_layers",
     "require_backend",
     "set_learning_rate",
@@ -33,9 +35,22 @@ __all__ = [
 if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
     import tf_keras as keras  # noqa: F401  (re-exported)
 
-    # tf_keras has no `keras.ops`; the TensorFlow functions the shared math uses (`cast`,
-    # `equal`, `where`, `zeros`, `convert_to_tensor`) have the same names and arguments.
-    ops = tf
+    class ops:  # noqa: N801  (stands in for the `keras.ops` module)
+        """The few `keras.ops` functions keras_swa's shared code uses, for tf_keras (no ops)."""
+
+        abs = staticmethod(tf.abs)
+        cast = staticmethod(tf.cast)
+        clip = staticmethod(tf.clip_by_value)
+        convert_to_tensor = staticmethod(tf.convert_to_tensor)
+        cos = staticmethod(tf.cos)
+        equal = staticmethod(tf.equal)
+        floor = staticmethod(tf.math.floor)
+        maximum = staticmethod(tf.maximum)
+        mod = staticmethod(tf.math.floormod)
+        power = staticmethod(tf.pow)
+        where = staticmethod(tf.where)
+        zeros = staticmethod(tf.zeros)
+
     IS_KERAS_3 = False
 else:
     import keras  # noqa: F401  (re-exported)
@@ -52,7 +67,7 @@ SUPPORTED_BACKENDS = {
     "SwapAveragedWeights": ("tensorflow",),
     "update_bn": ("tensorflow",),
     "export_saved_model": ("tensorflow",),
-    "schedules": ("tensorflow",),
+    "schedules": ("tensorflow", "jax"),
 }
 
 
@@ -61,6 +76,21 @@ def backend_name():
     if not IS_KERAS_3:
         return "tensorflow"
     return keras.config.backend()
+
+
+def index_dtype():
+    """The integer dtype for step counts: int64, or int32 on JAX without `jax_enable_x64`."""
+    if backend_name() == "jax":
+        import jax
+
+        return "int64" if jax.config.jax_enable_x64 else "int32"
+    return "int64"
+
+
+def is_floating(value):
+    """Whether a tensor (of any backend) has a floating-point dtype."""
+    dtype = value.dtype
+    return "float" in str(getattr(dtype, "name", dtype))
 
 
 def require_backend(entry_point, backend=None):
