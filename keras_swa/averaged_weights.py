@@ -152,7 +152,10 @@ class AveragedWeights(tf.Module):
         if backend.backend_name() == "jax":
             from keras_swa.backends import jax as jax_backend
 
-            self._jax = jax_backend.Averages(variables, mode, decay, check=nonfinite != "ignore")
+            model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
+            self._jax = jax_backend.Averages(
+                variables, mode, decay, check=nonfinite != "ignore", model=model
+            )
             return
         self._strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
@@ -448,6 +451,8 @@ class AveragedWeights(tf.Module):
     # ------------------------------------------------------------------ writing back
 
     def _check_target(self, model):
+        if self._jax is not None:
+            self._jax.sync(model)
         if model is None:
             return list(self._source.variables)
         target = self._collect_variables(model, self._include_non_trainable)
@@ -488,8 +493,7 @@ class AveragedWeights(tf.Module):
 
     def _assign(self, targets, values):
         if self._jax is not None:
-            for target, value in zip(targets, values):
-                target.assign(backend.ops.cast(value, target.dtype))
+            self._jax.write(targets, values)
             return
         for target, value in zip(targets, values):
             target.assign(tf.cast(value, _as_tf_variable_dtype(target)))

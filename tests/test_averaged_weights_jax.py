@@ -241,3 +241,51 @@ def test_finite_weights_whose_sum_overflows_are_folded_in():
 def test_int_variables_are_refused():
     with pytest.raises(TypeError, match="floating-point"):
         AveragedWeights([keras.Variable(np.array([1, 2], np.int32))])
+
+
+def test_averages_and_model_never_share_a_buffer():
+    """After `assign_to`, a train step (donating the model's arrays) and an update (donating
+    the averages') must leave both intact."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    averaged.update()
+    first = _snapshot(model.trainable_variables)
+    averaged.assign_to(model)
+    held = averaged.averages
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    second = _snapshot(model.trainable_variables)
+    averaged.update()
+    for i, average in enumerate(averaged.averages):
+        np.testing.assert_allclose(
+            np.asarray(average), (first[i] + second[i]) / 2, rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_array_equal(np.asarray(held[i]), first[i])  # a snapshot stays one
+    model.predict(x, verbose=0)  # the model's arrays are alive after the update
+    np.testing.assert_array_equal(_snapshot(model.trainable_variables)[0], second[0])
+
+
+def test_update_inside_a_batch_hook_syncs_the_model():
+    """A batch hook that uses the model object directly (not `Callback.model`) still captures
+    the weights of that step: the update syncs fit's state into the variables first."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    averaged = AveragedWeights(model)
+    recorded = []
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            averaged.update()  # before anything reads `self.model`
+            recorded.append(_snapshot(self.model.trainable_variables))
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[Capture()])
+    assert len(recorded) == 4
+    for i, average in enumerate(averaged.averages):
+        expected = np.mean([r[i] for r in recorded], axis=0)
+        np.testing.assert_allclose(np.asarray(average), expected, rtol=1e-6, atol=1e-6)

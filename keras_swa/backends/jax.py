@@ -13,6 +13,9 @@ JAX specifics this module follows:
   the new state back into the `keras.Variable`s between steps (`Callback.model` syncs it). A
   `jax.Array` taken from a variable before a step can be a deleted buffer after it, so the
   weights are read with `variable.value` at every call and no array is kept between calls.
+- The same train step donates the model's variables' arrays, and the update donates the
+  averages': an array must never be both. Whatever goes from the averages into a model, or out
+  to the caller, is a fresh copy (`copy_as`, `values`).
 - JAX computes in 32 bits unless `jax_enable_x64` is set, so the count is an int32 there
   (int64 with x64). It is exact up to 2**31 - 1 captures -- 68 years at one capture per second
   -- and a capture beyond that is refused (`OverflowError`), never wrapped around.
@@ -30,12 +33,30 @@ import numpy as np
 from keras_swa import averaging
 from keras_swa.backend import keras
 
-__all__ = ["Averages", "count_dtype"]
+__all__ = ["Averages", "copy_as", "count_dtype", "sync"]
 
 
 def count_dtype():
     """The dtype of the capture count: int64 with `jax_enable_x64`, else int32."""
     return "int64" if jax.config.jax_enable_x64 else "int32"
+
+
+def copy_as(value, dtype):
+    """A new array holding `value` in `dtype` (never `value`'s own buffer, see the module doc)."""
+    return jnp.array(value, dtype=dtype, copy=True)
+
+
+def sync(model):
+    """Writes the state of a running `fit` of `model` back into its variables.
+
+    During `fit`, Keras' JAX trainer keeps the training state outside the variables (they can
+    even be emptied) and writes it back at epoch ends, or when a callback reads
+    `Callback.model`; `model.jax_state_sync()` is what that property calls. Reading or writing
+    the variables without it would see or overwrite stale values.
+    """
+    state_sync = getattr(model, "jax_state_sync", None)
+    if state_sync is not None:
+        state_sync()
 
 
 def _summable(value):
@@ -64,10 +85,12 @@ class Averages:
         mode: `"swa"` or `"ema"`.
         decay: the EMA decay (`mode="ema"`), else `None`.
         check: run the NaN/Inf test before folding a capture in.
+        model: the model the variables belong to, if any: synced (`sync`) before each read.
     """
 
-    def __init__(self, variables, mode, decay, check):
+    def __init__(self, variables, mode, decay, check, model=None):
         self._variables = list(variables)
+        self.model = model
         self._mode = mode
         self._decay = decay
         self._check = bool(check)
@@ -110,6 +133,7 @@ class Averages:
 
     def update(self):
         """Folds the current weights in; returns False if the capture was refused."""
+        sync(self.model)
         values = [v.value for v in self._variables]  # read now: never kept across steps
         averages = [a.value for a in self.averages]
         new, count, ok = self._update(averages, self.count.value, values)
@@ -118,8 +142,19 @@ class Averages:
         self.count.assign(count)
         return bool(ok)
 
+    def sync(self, model=None):
+        """`sync(model)`, by default of the model the averages were made from."""
+        sync(self.model if model is None else model)
+
+    @staticmethod
+    def write(targets, values):
+        """Assigns a fresh copy of each value, cast to its target's dtype, to each target."""
+        for target, value in zip(targets, values):
+            target.assign(copy_as(value, target.dtype))
+
     def finite_flags(self):
         """One bool per tracked variable (a NumPy array): are all its values finite?"""
+        sync(self.model)
         return np.asarray(self._flags([v.value for v in self._variables]))
 
     def at_limit(self):
@@ -127,8 +162,8 @@ class Averages:
         return int(self.count.numpy()) >= self._count_limit
 
     def values(self):
-        """The current averages, float32 `jax.Array`s in the order of the tracked variables."""
-        return [a.value for a in self.averages]
+        """Copies of the averages, float32 `jax.Array`s in the order of the tracked variables."""
+        return [copy_as(a.value, jnp.float32) for a in self.averages]
 
     def reset(self):
         """Zeroes every average and the count."""
