@@ -117,6 +117,7 @@ class AveragedWeights(tf.Module):
         nonfinite="raise",
         name="averaged_weights",
     ):
+        backend.require_backend("AveragedWeights")
         super().__init__(name=name)
         if mode not in _MODES:
             raise ValueError(
@@ -145,6 +146,17 @@ class AveragedWeights(tf.Module):
 
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
         self._source = _Untracked(variables)
+        # On JAX the state and its compiled update are `keras_swa.backends.jax.Averages`;
+        # everything below is the TensorFlow path (tf_keras included).
+        self._jax = None
+        if backend.backend_name() == "jax":
+            from keras_swa.backends import jax as jax_backend
+
+            model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
+            self._jax = jax_backend.Averages(
+                variables, mode, decay, check=nonfinite != "ignore", model=model
+            )
+            return
         self._strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
@@ -235,13 +247,18 @@ class AveragedWeights(tf.Module):
 
     @property
     def n_averaged(self):
-        """The number of captures folded in: an int64 `tf.Variable`."""
+        """The number of captures folded in: an int64 `tf.Variable` on TensorFlow; on JAX an
+        int32 `keras.Variable` (int64 with `jax_enable_x64`, see `keras_swa.backends.jax`)."""
+        if self._jax is not None:
+            return self._jax.count
         return self._count
 
     @property
     def averages(self):
         """The current average of each tracked variable: fp32 tensors, in the order of
         `tracked_variables` (a snapshot; write them into a model with `assign_to` or `swap`)."""
+        if self._jax is not None:
+            return self._jax.values()
         own = [tf.convert_to_tensor(a) for a in self._own_averages]
         packed = self._packed_averages
         return self._layout.unpack(own, None if packed is None else tf.convert_to_tensor(packed))
@@ -362,6 +379,8 @@ class AveragedWeights(tf.Module):
             FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
                 averages and `n_averaged` are left untouched.
         """
+        if self._jax is not None:
+            return self._update_jax()
         ok = self._apply_update()
         if self._nonfinite == "ignore":
             return True if tf.executing_eagerly() else None
@@ -376,6 +395,19 @@ class AveragedWeights(tf.Module):
         if flags.all():  # finite weights whose sum overflowed: fold them in after all
             return bool(self._apply_update(check=False))
         return self._finite_or_report(flags)
+
+    def _update_jax(self):
+        state = self._jax
+        if state.update():
+            return True
+        if state.at_limit():
+            raise OverflowError(
+                f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
+                f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
+                "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
+                "AveragedWeights for an int64 count."
+            )
+        return self._finite_or_report(state.finite_flags())
 
     def _finite_or_report(self, flags, poisoned="the average"):
         """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""
@@ -409,6 +441,9 @@ class AveragedWeights(tf.Module):
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""
+        if self._jax is not None:
+            self._jax.reset()
+            return
         for average in self._storage():
             average.assign(tf.zeros_like(average))
         self._count.assign(0)
@@ -416,10 +451,12 @@ class AveragedWeights(tf.Module):
     # ------------------------------------------------------------------ writing back
 
     def _check_target(self, model):
+        if self._jax is not None:
+            self._jax.sync(model)
         if model is None:
             return list(self._source.variables)
         target = self._collect_variables(model, self._include_non_trainable)
-        shapes = self._layout.shapes
+        shapes = [tuple(int(d) for d in v.shape) for v in self._source.variables]
         if len(target) != len(shapes):
             raise ValueError(
                 "The model's variables do not match the averages: "
@@ -455,8 +492,19 @@ class AveragedWeights(tf.Module):
         self._assign(targets, list(self.averages))
 
     def _assign(self, targets, values):
+        if self._jax is not None:
+            self._jax.write(targets, values)
+            return
         for target, value in zip(targets, values):
             target.assign(tf.cast(value, _as_tf_variable_dtype(target)))
+
+    def _copy(self, targets):
+        """The values of `targets`, kept apart from them until restored."""
+        if self._jax is not None:
+            # A `jax.Array` is immutable and no longer held by the variable once the averages
+            # are assigned, so nothing can donate or change it: a reference is a copy.
+            return [t.value for t in targets]
+        return [tf.identity(tf.convert_to_tensor(t)) for t in targets]
 
     @contextlib.contextmanager
     def swap(self, model=None):
@@ -470,7 +518,7 @@ class AveragedWeights(tf.Module):
         """
         self._require_captures()
         targets = self._check_target(model)
-        backup = [tf.identity(tf.convert_to_tensor(t)) for t in targets]
+        backup = self._copy(targets)
         self._assign(targets, list(self.averages))
         try:
             yield self

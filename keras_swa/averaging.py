@@ -9,10 +9,14 @@ visits:
 which is exact for any n (the first update, n = 0, copies `w`). The exponential moving average
 (`average = decay * average + (1 - decay) * w`) is the other mode keras_swa offers; its first update
 copies too, as Keras' optimizer EMA does. These functions are all the algorithm there is:
-`AveragedWeights` applies them to every variable in one XLA-compiled call.
+`AveragedWeights` applies them to every variable in one XLA-compiled call, on every backend
+(`tf.function(jit_compile=True)` on TensorFlow, `jax.jit` on JAX: `keras_swa.backends`).
+
+They are written on `keras_swa.backend.ops` (`keras.ops` with Keras 3, TensorFlow with
+tf_keras), so that the one definition serves every backend.
 """
 
-import tensorflow as tf
+from keras_swa.backend import ops
 
 __all__ = ["ema_update", "swa_update"]
 
@@ -35,14 +39,15 @@ def swa_update(average, value, n_averaged):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> avg = swa_update(tf.zeros([2]), tf.constant([1.0, 3.0]), 0)
-    >>> avg = swa_update(avg, tf.constant([3.0, 5.0]), 1)
-    >>> avg.numpy().tolist()
+    >>> import numpy as np
+    >>> from keras_swa.backend import ops
+    >>> avg = swa_update(ops.zeros([2]), ops.convert_to_tensor([1.0, 3.0]), 0)
+    >>> avg = swa_update(avg, ops.convert_to_tensor([3.0, 5.0]), 1)
+    >>> np.asarray(avg).tolist()
     [2.0, 4.0]
     """
-    value = tf.cast(value, average.dtype)
-    weight = 1.0 / (tf.cast(n_averaged, average.dtype) + 1.0)
+    value = ops.cast(value, average.dtype)
+    weight = 1.0 / (ops.cast(n_averaged, average.dtype) + 1.0)
     return average + (value - average) * weight
 
 
@@ -63,12 +68,13 @@ def ema_update(average, value, decay, n_averaged):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> avg = ema_update(tf.zeros([1]), tf.constant([4.0]), 0.5, 0)
-    >>> ema_update(avg, tf.constant([2.0]), 0.5, 1).numpy().tolist()
+    >>> import numpy as np
+    >>> from keras_swa.backend import ops
+    >>> avg = ema_update(ops.zeros([1]), ops.convert_to_tensor([4.0]), 0.5, 0)
+    >>> np.asarray(ema_update(avg, ops.convert_to_tensor([2.0]), 0.5, 1)).tolist()
     [3.0]
     """
-    value = tf.cast(value, average.dtype)
-    first = tf.cast(tf.equal(tf.cast(n_averaged, tf.int64), 0), average.dtype)
+    value = ops.cast(value, average.dtype)
+    first = ops.cast(ops.equal(n_averaged, 0), average.dtype)
     keep = decay * (1.0 - first)
     return average + (value - average) * (1.0 - keep)

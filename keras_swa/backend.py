@@ -1,9 +1,14 @@
-"""The one place where Keras 3 and tf_keras (Keras 2) differ.
+"""The one place where Keras 3 and tf_keras (Keras 2) differ, and which Keras backend runs.
 
 keras_swa follows TensorFlow's own switch: with `TF_USE_LEGACY_KERAS=1` in the environment,
 `tf.keras` is tf_keras (Keras 2) and so is keras_swa's `keras`; otherwise both are Keras 3.
 Every other module imports `keras` from here and calls the helpers below instead of branching
 on the Keras version itself.
+
+Keras 3 also runs on JAX and PyTorch (`KERAS_BACKEND`). `SUPPORTED_BACKENDS` says which
+backends each public entry point runs on, and `require_backend` refuses the others with a clear
+error when the entry point is constructed or called: an entry point that has not been ported to
+a backend must never compute there (a half-working update would give wrong averages silently).
 """
 
 import os
@@ -12,10 +17,16 @@ import tensorflow as tf
 
 __all__ = [
     "IS_KERAS_3",
+    "SUPPORTED_BACKENDS",
     "keras",
+    "ops",
+    "backend_name",
     "batch_norm_layers",
     "get_learning_rate",
+    "index_dtype",
+    "is_floating",
     "iter_layers",
+    "require_backend",
     "set_learning_rate",
     "steps_per_execution",
     "tf_variable",
@@ -24,11 +35,89 @@ __all__ = [
 if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
     import tf_keras as keras  # noqa: F401  (re-exported)
 
+    class ops:  # noqa: N801  (stands in for the `keras.ops` module)
+        """The few `keras.ops` functions keras_swa's shared code uses, for tf_keras (no ops)."""
+
+        abs = staticmethod(tf.abs)
+        cast = staticmethod(tf.cast)
+        clip = staticmethod(tf.clip_by_value)
+        convert_to_tensor = staticmethod(tf.convert_to_tensor)
+        cos = staticmethod(tf.cos)
+        equal = staticmethod(tf.equal)
+        floor = staticmethod(tf.math.floor)
+        maximum = staticmethod(tf.maximum)
+        mod = staticmethod(tf.math.floormod)
+        power = staticmethod(tf.pow)
+        where = staticmethod(tf.where)
+        zeros = staticmethod(tf.zeros)
+
     IS_KERAS_3 = False
 else:
     import keras  # noqa: F401  (re-exported)
+    from keras import ops  # noqa: F401  (re-exported)
 
     IS_KERAS_3 = True
+
+# The Keras backends each public entry point runs on (tf_keras always runs on TensorFlow).
+SUPPORTED_BACKENDS = {
+    "AveragedWeights": ("tensorflow", "jax"),
+    "SWA": ("tensorflow",),
+    "SWAG": ("tensorflow",),
+    "FGE": ("tensorflow",),
+    "SwapAveragedWeights": ("tensorflow",),
+    "update_bn": ("tensorflow",),
+    "export_saved_model": ("tensorflow",),
+    "schedules": ("tensorflow", "jax"),
+}
+
+
+def backend_name():
+    """The Keras backend in use: `keras.config.backend()`, `"tensorflow"` for tf_keras."""
+    if not IS_KERAS_3:
+        return "tensorflow"
+    return keras.config.backend()
+
+
+def index_dtype():
+    """The integer dtype for step counts: int64, or int32 on JAX without `jax_enable_x64`."""
+    if backend_name() == "jax":
+        import jax
+
+        return "int64" if jax.config.jax_enable_x64 else "int32"
+    return "int64"
+
+
+def is_floating(value):
+    """Whether a tensor (of any backend) has a floating-point dtype."""
+    dtype = value.dtype
+    return "float" in str(getattr(dtype, "name", dtype))
+
+
+def require_backend(entry_point, backend=None):
+    """Raises `NotImplementedError` if `entry_point` does not run on the Keras backend in use.
+
+    Args:
+        entry_point: a key of `SUPPORTED_BACKENDS`, e.g. `"AveragedWeights"`.
+        backend: the backend to check. Defaults to `None` (`backend_name()`).
+
+    Example:
+
+    >>> require_backend("AveragedWeights", backend="tensorflow")
+    >>> require_backend("AveragedWeights", backend="torch")
+    Traceback (most recent call last):
+    ...
+    NotImplementedError: keras_swa.AveragedWeights does not support the 'torch' Keras backend...
+    """
+    supported = SUPPORTED_BACKENDS[entry_point]
+    backend = backend_name() if backend is None else backend
+    if backend not in supported:
+        names = ", ".join(repr(name) for name in supported)
+        raise NotImplementedError(
+            f"keras_swa.{entry_point} does not support the {backend!r} Keras backend; it "
+            f"supports {names}. Select a supported backend with the KERAS_BACKEND environment "
+            f"variable (e.g. KERAS_BACKEND=tensorflow) before Keras is imported. "
+            f"Received: backend={backend!r}"
+        )
 
 
 def iter_layers(model):

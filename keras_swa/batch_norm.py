@@ -124,6 +124,7 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_comp
     >>> np.asarray(bn.moving_variance).tolist()  # mean of the two batch variances
     [2.25, 2.25, 2.25]
     """
+    backend.require_backend("update_bn")
     _check_arguments(steps, batch_size, verbose)
     if not isinstance(jit_compile, bool):
         raise ValueError(f"`jit_compile` must be True or False. Received: jit_compile={jit_compile!r}")

@@ -139,6 +139,7 @@ class SWA(keras.callbacks.Callback):
         swa_validation_freq=1,
         verbose=1,
     ):
+        backend.require_backend("SWA")
         super().__init__()
         if start_epoch is not None and start_step is not None:
             raise ValueError(

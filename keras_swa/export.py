@@ -24,6 +24,7 @@ import uuid
 
 import tensorflow as tf
 
+from keras_swa import backend
 from keras_swa.backend import keras
 
 __all__ = ["export_saved_model"]
@@ -98,6 +99,7 @@ def export_saved_model(
     >>> np.allclose(serve(features=x)["output_0"], model(x, training=False))
     True
     """
+    backend.require_backend("export_saved_model")
     _check_model(model)
     if not isinstance(signature_name, str) or not signature_name.isidentifier():
         raise ValueError(

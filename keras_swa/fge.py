@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import export
+from keras_swa import backend, export
 from keras_swa.backend import keras
 from keras_swa.batch_norm import update_bn
 
@@ -68,6 +68,7 @@ class FGE(tf.Module):
     """
 
     def __init__(self, model, max_members=None, name="fge"):
+        backend.require_backend("FGE")
         super().__init__(name=name)
         if not isinstance(model, keras.Model):
             raise TypeError(

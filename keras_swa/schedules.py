@@ -2,9 +2,10 @@
 
 Every schedule here is a `keras.optimizers.schedules.LearningRateSchedule`: pass it to an optimizer
 as `learning_rate=` and the optimizer evaluates it at `optimizer.iterations`, the 0-based index of
-the step about to be taken. All of them are pure TensorFlow ops (no Python branching on tensors),
+the step about to be taken. All of them are pure tensor ops (no Python branching on tensors),
 so they run eagerly, inside `tf.function` and inside `tf.function(jit_compile=True)`, and they
-serialize to JSON primitives only.
+serialize to JSON primitives only. They are written on `keras.ops` (TensorFlow ops with tf_keras,
+`keras_swa.backend.ops`), so the same schedules run inside a JAX train step too.
 
 - `Cyclic`: the cyclic schedule of the SWA paper, a sawtooth that falls linearly from `swa_lr`
   to `swa_lr_min` within each cycle; weights are captured at the cycle ends
@@ -25,9 +26,8 @@ import math
 import numbers
 import operator
 
-import tensorflow as tf
-
-from keras_swa.backend import keras
+from keras_swa import backend
+from keras_swa.backend import keras, ops
 
 __all__ = [
     "Anneal",
@@ -109,15 +109,22 @@ def _at_most(low_name, low, high_name, high):
 
 
 def _int_step(step):
-    """The step as an int64 tensor (float steps, as some optimizers pass, are floored)."""
-    step = tf.convert_to_tensor(step)
-    if step.dtype.is_floating:
-        step = tf.math.floor(step)
-    return tf.cast(step, tf.int64)
+    """The step as an integer tensor (float steps, as some optimizers pass, are floored).
+
+    int64, or int32 on JAX without `jax_enable_x64` (exact to 2**31 - 1 steps).
+    """
+    step = ops.convert_to_tensor(step)
+    if backend.is_floating(step):
+        step = ops.floor(step)
+    return ops.cast(step, backend.index_dtype())
 
 
 class _Schedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Shared `from_config` that rejects keys `__init__` does not take."""
+    """Shared `from_config` that rejects keys `__init__` does not take; the backend check."""
+
+    def __init__(self):
+        backend.require_backend("schedules")
+        super().__init__()
 
     @classmethod
     def from_config(cls, config):
@@ -186,12 +193,12 @@ class Cyclic(_Schedule):
 
     def __call__(self, step):
         i = _int_step(step) - self.start_step + 1
-        position = tf.math.floormod(i - 1, self.cycle_length) + 1
-        t = tf.cast(position, tf.float32) / tf.constant(self.cycle_length, tf.float32)
-        a1 = tf.constant(self.swa_lr, tf.float32)
-        a2 = tf.constant(self.swa_lr_min, tf.float32)
+        position = ops.mod(i - 1, self.cycle_length) + 1
+        t = ops.cast(position, "float32") / ops.convert_to_tensor(self.cycle_length, "float32")
+        a1 = ops.convert_to_tensor(self.swa_lr, "float32")
+        a2 = ops.convert_to_tensor(self.swa_lr_min, "float32")
         lr = (1.0 - t) * a1 + t * a2
-        return tf.where(i >= 1, lr, a1)
+        return ops.where(i >= 1, lr, a1)
 
     def is_cycle_end(self, step):
         """Whether the step with index `step` is the last step of a cycle.
@@ -243,7 +250,7 @@ class Constant(_Schedule):
 
     def __call__(self, step):
         del step  # unused
-        return tf.constant(self.learning_rate, tf.float32)
+        return ops.convert_to_tensor(self.learning_rate, "float32")
 
     def get_config(self):
         return {"learning_rate": self.learning_rate}
@@ -294,17 +301,17 @@ class Anneal(_Schedule):
 
     def __call__(self, step):
         n = _int_step(step) - self.start_step + 1
-        n = tf.clip_by_value(n, 0, self.anneal_steps)
-        t = tf.cast(n, tf.float32) / tf.constant(self.anneal_steps, tf.float32)
+        n = ops.clip(n, 0, self.anneal_steps)
+        t = ops.cast(n, "float32") / ops.convert_to_tensor(self.anneal_steps, "float32")
         if self.strategy == "cos":
-            alpha = (1.0 - tf.cos(math.pi * t)) / 2.0
+            alpha = (1.0 - ops.cos(math.pi * t)) / 2.0
         else:
             alpha = t
-        initial = tf.constant(self.initial_learning_rate, tf.float32)
-        swa_lr = tf.constant(self.swa_lr, tf.float32)
+        initial = ops.convert_to_tensor(self.initial_learning_rate, "float32")
+        swa_lr = ops.convert_to_tensor(self.swa_lr, "float32")
         lr = swa_lr * alpha + initial * (1.0 - alpha)
-        lr = tf.where(n >= self.anneal_steps, swa_lr, lr)  # exactly `swa_lr` once annealed
-        return tf.where(n <= 0, initial, lr)
+        lr = ops.where(n >= self.anneal_steps, swa_lr, lr)  # exactly `swa_lr` once annealed
+        return ops.where(n <= 0, initial, lr)
 
     def get_config(self):
         return {
@@ -373,12 +380,12 @@ class PaperSchedule(_Schedule):
 
     def __call__(self, step):
         step = _int_step(step)
-        t = tf.cast(step, tf.float32) / tf.constant(self.swa_start, tf.float32)
-        initial = tf.constant(self.initial_learning_rate, tf.float32)
-        swa_lr = tf.constant(self.swa_lr, tf.float32)
+        t = ops.cast(step, "float32") / ops.convert_to_tensor(self.swa_start, "float32")
+        initial = ops.convert_to_tensor(self.initial_learning_rate, "float32")
+        swa_lr = ops.convert_to_tensor(self.swa_lr, "float32")
         decaying = initial - (initial - swa_lr) * (t - 0.5) / 0.4
-        lr = tf.where(t <= 0.5, initial, tf.where(t <= 0.9, decaying, swa_lr))
-        return tf.where(step >= self.swa_start, self._swa(step), lr)
+        lr = ops.where(t <= 0.5, initial, ops.where(t <= 0.9, decaying, swa_lr))
+        return ops.where(step >= self.swa_start, self._swa(step), lr)
 
     def get_config(self):
         return {
@@ -460,19 +467,19 @@ class Triangular(_Schedule):
             )
 
     def __call__(self, step):
-        step = tf.cast(tf.convert_to_tensor(step), tf.float32)
-        step_size = tf.constant(self.step_size, tf.float32)
-        initial = tf.constant(self.initial_learning_rate, tf.float32)
-        maximal = tf.constant(self.maximal_learning_rate, tf.float32)
-        cycle = tf.floor(1.0 + step / (2.0 * step_size))
-        x = tf.abs(step / step_size - 2.0 * cycle + 1.0)
+        step = ops.cast(ops.convert_to_tensor(step), "float32")
+        step_size = ops.convert_to_tensor(self.step_size, "float32")
+        initial = ops.convert_to_tensor(self.initial_learning_rate, "float32")
+        maximal = ops.convert_to_tensor(self.maximal_learning_rate, "float32")
+        cycle = ops.floor(1.0 + step / (2.0 * step_size))
+        x = ops.abs(step / step_size - 2.0 * cycle + 1.0)
         if self.mode == "triangular":
-            scale = tf.constant(1.0, tf.float32)
+            scale = ops.convert_to_tensor(1.0, "float32")
         elif self.mode == "triangular2":
-            scale = 1.0 / tf.pow(2.0, cycle - 1.0)
+            scale = 1.0 / ops.power(2.0, cycle - 1.0)
         else:
-            scale = tf.pow(tf.constant(self.gamma, tf.float32), step)
-        return initial + (maximal - initial) * tf.maximum(0.0, 1.0 - x) * scale
+            scale = ops.power(ops.convert_to_tensor(self.gamma, "float32"), step)
+        return initial + (maximal - initial) * ops.maximum(0.0, 1.0 - x) * scale
 
     def get_config(self):
         return {

@@ -138,6 +138,7 @@ class SWAG(AveragedWeights):
     _pack_below = 0
 
     def __init__(self, model, max_rank=20, nonfinite="raise", seed=None, name="swag"):
+        backend.require_backend("SWAG")
         if not _is_int(max_rank) or max_rank < 1:
             raise ValueError(
                 f"`max_rank` must be a positive integer. Received: max_rank={max_rank!r}"

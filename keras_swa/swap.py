@@ -11,6 +11,7 @@ training continues as if nothing had happened.
 
 import tensorflow as tf
 
+from keras_swa import backend
 from keras_swa.backend import keras
 from keras_swa.batch_norm import update_bn
 
@@ -51,6 +52,7 @@ class SwapAveragedWeights(keras.callbacks.Callback):
     """
 
     def __init__(self, swa, bn_data=None, bn_batch_size=None):
+        backend.require_backend("SwapAveragedWeights")
         super().__init__()
         if not hasattr(swa, "averaged") or not isinstance(swa, keras.callbacks.Callback):
             raise TypeError(

@@ -29,6 +29,20 @@ if os.environ.get("KERAS_SWA_TEST_INSTALLED") == "1":
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skips `tf_only` tests off TensorFlow and `jax_only` tests off JAX, naming why."""
+    from keras_swa.backend import backend_name
+
+    current = backend_name()
+    for item in items:
+        tf_only = item.get_closest_marker("tf_only")
+        if tf_only is not None and current != "tensorflow":
+            reason = tf_only.args[0] if tf_only.args else tf_only.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"TensorFlow only ({reason}); backend is {current}"))
+        if item.get_closest_marker("jax_only") is not None and current != "jax":
+            item.add_marker(pytest.mark.skip(reason=f"tests the JAX backend; backend is {current}"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     from keras_swa.backend import keras

@@ -116,11 +116,13 @@ def test_averages_are_mirrored_and_equal_numpy_means(strategy, created_in_scope)
     for i, average in enumerate(averaged.averages):
         expected = np.mean([r[i] for r in recorded], axis=0)
         np.testing.assert_allclose(average.numpy(), expected, rtol=1e-6, atol=1e-6)
-    # One compiled function, traced at most once per device, never again across updates.
-    assert averaged._update_fn.experimental_get_tracing_count() <= strategy.num_replicas_in_sync
-    traces = averaged._update_fn.experimental_get_tracing_count()
+    # One compiled function per device, each traced once and never again across updates.
+    compiled = dict(averaged._device_compiled)
+    assert len(compiled) == strategy.num_replicas_in_sync
+    traces = [f.experimental_get_tracing_count() for f in compiled.values()]
+    assert traces == [1] * strategy.num_replicas_in_sync
     averaged.update()
-    assert averaged._update_fn.experimental_get_tracing_count() == traces
+    assert [f.experimental_get_tracing_count() for f in compiled.values()] == traces
     # Writing back puts the same average on every replica's copy of the weights.
     averaged.assign_to(model)
     for v in model.trainable_variables:

@@ -1,0 +1,16 @@
+"""What differs per Keras backend: one module each, beside the shared code in `keras_swa/`.
+
+The averaging math (`keras_swa.averaging`), the callback, the schedules and the data handling
+are written once. What cannot be shared lives here:
+
+- `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
+  `jax.jit`-compiled call with the averages' buffers donated (updated in place), and the
+  compiled BatchNorm pass of `update_bn` (`model.stateless_call` in training mode).
+
+The TensorFlow path (`tf.function(jit_compile=True)` per device under `tf.distribute`, the
+packed small averages, the checkpointed `tf.Variable`s) is in `keras_swa.averaged_weights`,
+`keras_swa.batch_norm`, `keras_swa.packing` and `keras_swa.finite_check`, and serves tf_keras
+as well. Which entry point runs on which backend is `keras_swa.backend.SUPPORTED_BACKENDS`.
+"""
+
+__all__ = []

@@ -1,0 +1,172 @@
+"""The averaging state on the JAX backend: `keras.Variable`s updated by ONE `jax.jit` call.
+
+`Averages` keeps one float32 average per tracked variable and the capture count as
+non-trainable `keras.Variable`s, and folds the current weights into all of them with a single
+compiled program built from the shared math of `keras_swa.averaging`. The averages' buffers and
+the count are donated to that program (`donate_argnums`), so XLA writes the new averages into
+the same memory: the update holds no second copy of the averages. The program is traced once;
+later calls with the same shapes and dtypes reuse it.
+
+JAX specifics this module follows:
+
+- On JAX, Keras' `fit` runs a stateless, jitted train step whose inputs are donated, and writes
+  the new state back into the `keras.Variable`s between steps (`Callback.model` syncs it). A
+  `jax.Array` taken from a variable before a step can be a deleted buffer after it, so the
+  weights are read with `variable.value` at every call and no array is kept between calls.
+- The same train step donates the model's variables' arrays, and the update donates the
+  averages': an array must never be both. Whatever goes from the averages into a model, or out
+  to the caller, is a fresh copy (`copy_as`, `values`).
+- JAX computes in 32 bits unless `jax_enable_x64` is set, so the count is an int32 there
+  (int64 with x64). It is exact up to 2**31 - 1 captures -- 68 years at one capture per second
+  -- and a capture beyond that is refused (`OverflowError`), never wrapped around.
+- The NaN/Inf check is the same two-step test as on TensorFlow (`keras_swa.finite_check`): a
+  float32 sum per weight tensor, which is finite exactly when no value is NaN/Inf unless finite
+  values overflow the sum; only then does the exact per-element test run (`lax.cond`). A refused
+  capture leaves every average and the count bit for bit as they were (`where(ok, new, old)`,
+  fused into the update's loop).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keras_swa import averaging
+from keras_swa.backend import keras
+
+__all__ = ["Averages", "copy_as", "count_dtype", "sync"]
+
+
+def count_dtype():
+    """The dtype of the capture count: int64 with `jax_enable_x64`, else int32."""
+    return "int64" if jax.config.jax_enable_x64 else "int32"
+
+
+def copy_as(value, dtype):
+    """A new array holding `value` in `dtype` (never `value`'s own buffer, see the module doc)."""
+    return jnp.array(value, dtype=dtype, copy=True)
+
+
+def sync(model):
+    """Writes the state of a running `fit` of `model` back into its variables.
+
+    During `fit`, Keras' JAX trainer keeps the training state outside the variables (they can
+    even be emptied) and writes it back at epoch ends, or when a callback reads
+    `Callback.model`; `model.jax_state_sync()` is what that property calls. Reading or writing
+    the variables without it would see or overwrite stale values.
+    """
+    state_sync = getattr(model, "jax_state_sync", None)
+    if state_sync is not None:
+        state_sync()
+
+
+def _summable(value):
+    # fp16 overflows at 65504 and bf16 sums lose all precision: sum in float32.
+    return value.astype(jnp.float32) if value.dtype != jnp.float32 else value
+
+
+def _sums_are_finite(values):
+    """The fast test: is the float32 total of every value's sum finite?"""
+    total = jnp.zeros([], jnp.float32)
+    for value in values:
+        total = total + jnp.sum(_summable(value)).astype(jnp.float32)
+    return jnp.isfinite(total)
+
+
+def _finite_flags(values):
+    """The exact test: one bool per value, are all its elements finite?"""
+    return jnp.stack([jnp.all(jnp.isfinite(value)) for value in values])
+
+
+class Averages:
+    """The averages and count of `keras_swa.AveragedWeights` on JAX (see the module docstring).
+
+    Args:
+        variables: the tracked `keras.Variable`s (floating point).
+        mode: `"swa"` or `"ema"`.
+        decay: the EMA decay (`mode="ema"`), else `None`.
+        check: run the NaN/Inf test before folding a capture in.
+        model: the model the variables belong to, if any: synced (`sync`) before each read.
+    """
+
+    def __init__(self, variables, mode, decay, check, model=None):
+        self._variables = list(variables)
+        self.model = model
+        self._mode = mode
+        self._decay = decay
+        self._check = bool(check)
+        self.averages = [
+            keras.Variable(
+                np.zeros(tuple(v.shape), np.float32),
+                dtype="float32",
+                trainable=False,
+                name=f"average_{i}",
+            )
+            for i, v in enumerate(self._variables)
+        ]
+        self.count = keras.Variable(0, dtype=count_dtype(), trainable=False, name="n_averaged")
+        self._count_limit = int(np.iinfo(count_dtype()).max)
+        # How often the update was traced (a Python side effect runs only while tracing).
+        self.traces = 0
+        self._update = jax.jit(self._update_all, donate_argnums=(0, 1))
+        self._flags = jax.jit(_finite_flags)
+
+    def _update_all(self, averages, count, values):
+        """`(averages, count, values) -> (new averages, new count, folded in?)`, pure."""
+        self.traces += 1
+        n = count
+        ok = n < self._count_limit
+        if self._check:
+            # The exact test runs only when the fast one fails (NaN/Inf, or a sum overflowed).
+            ok = ok & jax.lax.cond(
+                _sums_are_finite(values),
+                lambda: jnp.asarray(True),
+                lambda: jnp.all(_finite_flags(values)),
+            )
+        new = []
+        for average, value in zip(averages, values):
+            if self._mode == "swa":
+                updated = averaging.swa_update(average, value, n)
+            else:
+                updated = averaging.ema_update(average, value, self._decay, n)
+            new.append(jnp.where(ok, updated, average))
+        return new, jnp.where(ok, n + 1, n), ok
+
+    def update(self):
+        """Folds the current weights in; returns False if the capture was refused."""
+        sync(self.model)
+        values = [v.value for v in self._variables]  # read now: never kept across steps
+        averages = [a.value for a in self.averages]
+        new, count, ok = self._update(averages, self.count.value, values)
+        for variable, value in zip(self.averages, new):
+            variable.assign(value)
+        self.count.assign(count)
+        return bool(ok)
+
+    def sync(self, model=None):
+        """`sync(model)`, by default of the model the averages were made from."""
+        sync(self.model if model is None else model)
+
+    @staticmethod
+    def write(targets, values):
+        """Assigns a fresh copy of each value, cast to its target's dtype, to each target."""
+        for target, value in zip(targets, values):
+            target.assign(copy_as(value, target.dtype))
+
+    def finite_flags(self):
+        """One bool per tracked variable (a NumPy array): are all its values finite?"""
+        sync(self.model)
+        return np.asarray(self._flags([v.value for v in self._variables]))
+
+    def at_limit(self):
+        """Whether the count has reached the largest value its dtype holds."""
+        return int(self.count.numpy()) >= self._count_limit
+
+    def values(self):
+        """Copies of the averages, float32 `jax.Array`s in the order of the tracked variables."""
+        return [copy_as(a.value, jnp.float32) for a in self.averages]
+
+    def reset(self):
+        """Zeroes every average and the count."""
+        for average in self.averages:
+            average.assign(jnp.zeros(average.shape, jnp.float32))
+        self.count.assign(jnp.zeros([], count_dtype()))
