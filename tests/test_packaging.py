@@ -31,7 +31,12 @@ def _source_version():
 
 
 def _modules():
-    return sorted(name for name in os.listdir(PACKAGE) if name.endswith(".py"))
+    """Every .py file under keras_swa/, subpackages included, relative to keras_swa/."""
+    found = []
+    for folder, _, files in os.walk(PACKAGE):
+        rel = os.path.relpath(folder, PACKAGE)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(".py")]
+    return sorted(name.replace(os.sep, "/") for name in found)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,7 @@ def wheel(tmp_path_factory):
         shutil.copy(os.path.join(ROOT, name), source / name)
     (source / "keras_swa").mkdir()
     for name in _modules() + ["py.typed"]:
+        (source / "keras_swa" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(PACKAGE, name), source / "keras_swa" / name)
     out = tmp_path_factory.mktemp("wheel")
     done = subprocess.run(
