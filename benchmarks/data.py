@@ -88,22 +88,27 @@ def read_idx_gz(path):
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
-def load_fashion_mnist(data_dir=None):
+def load_fashion_mnist(data_dir=None, splits=("train", "test")):
     """Loads Fashion-MNIST from the four IDX `.gz` files of Debian's `dataset-fashion-mnist`.
 
     Args:
         data_dir: the folder holding the files. Defaults to `None`
             (/usr/share/datasets/fashion-mnist).
+        splits: which splits to read, in order. `("train",)` never opens the test files (the
+            benchmark's screening mode, which must not see the test set). Defaults to both.
 
     Returns:
-        `(x_train, y_train), (x_test, y_test)`: uint8 `(N, 28, 28, 1)` images, int64 labels.
+        One `(x, y)` pair per split, by default `(x_train, y_train), (x_test, y_test)`:
+        uint8 `(N, 28, 28, 1)` images, int64 labels.
 
     Raises:
         FileNotFoundError: naming the missing file and the command that installs it.
     """
     data_dir = data_dir or FASHION_MNIST_DIR
     out = []
-    for split in ("train", "test"):
+    for split in splits:
+        if split not in _FASHION_FILES:
+            raise ValueError(f"`splits` holds 'train' and/or 'test'. Received: splits={splits!r}")
         paths = [os.path.join(data_dir, name) for name in _FASHION_FILES[split]]
         for path in paths:
             if not os.path.isfile(path):
