@@ -81,11 +81,19 @@ from benchmarks import data as data_lib  # noqa: E402
 from benchmarks import flags as bench  # noqa: E402
 from benchmarks import metrics as metrics_lib  # noqa: E402
 from benchmarks import models as models_lib  # noqa: E402
+from benchmarks import screening  # noqa: E402
 from keras_swa.backend import keras  # noqa: E402
 
 FLAGS = flags.FLAGS
 NAME = "accuracy_benchmark"
 
+flags.DEFINE_enum(
+    "mode",
+    "final",
+    ["final", "screen"],
+    "'final': the table on the evaluation split; 'screen': the validation-only screen of "
+    "benchmarks/screening.py (never reads the test files), written to accuracy_screen.*.",
+)
 flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "The data set.")
 flags.DEFINE_string(
     "data_dir",
@@ -847,7 +855,62 @@ def make_plot(path, per_seed, cfg, split):
     plt.close(fig)
 
 
+def resolve_screen_config():
+    """The screen's configuration: its own defaults (a fast cnn, 5000 + 5000 images, B = 20)."""
+    bench.validate_common_flags()
+    cfg = {
+        "mode": "screen",
+        "quick": FLAGS.quick,
+        "dataset": FLAGS.dataset,
+        "data_dir": FLAGS.data_dir,
+        "model": FLAGS.model if FLAGS["model"].present else "cnn",
+        "width": _default(FLAGS.width, 16, 4),
+        "train_size": _default(FLAGS.train_size, 5000, 256),
+        "validation_size": FLAGS.validation_size or (256 if FLAGS.quick else 5000),
+        "budget": _default(FLAGS.budget, 20, 5),
+        "batch_size": FLAGS.batch_size if not FLAGS.quick else min(FLAGS.batch_size, 64),
+        "seeds": _default(FLAGS.seeds, 2, 2),
+        "first_seed": FLAGS.first_seed,
+        "data_seed": FLAGS.data_seed,
+        "num_classes": _NUM_CLASSES[FLAGS.dataset],
+    }
+    for key in ("width", "train_size", "validation_size", "batch_size", "seeds"):
+        if cfg[key] < 1:
+            raise app.UsageError(f"`--{key}` must be a positive integer. Received: {key}={cfg[key]}")
+    if cfg["budget"] < 5:
+        raise app.UsageError(
+            f"`--budget` must be at least 5 epochs in the screen. Received: budget={cfg['budget']}"
+        )
+    return cfg
+
+
+def main_screen():
+    cfg = resolve_screen_config()
+    tf.get_logger().setLevel("ERROR")
+    start = time.time()
+    data = screening.load_screen_data(cfg, *_STATS[cfg["dataset"]])
+    seeds = list(range(cfg["first_seed"], cfg["first_seed"] + cfg["seeds"]))
+    out = screening.run_screen(dict(cfg, seeds=seeds), data, log=lambda m: print(m, flush=True))
+    wall = time.time() - start
+    table = screening.screen_table(out, cfg)
+    command = bench.command_line("benchmarks." + NAME)
+    table += f"\nWall time {wall / 60:.1f} min. Command: `{command}`\n"
+    payload = {"benchmark": NAME + " (screen)", "command": command, "versions": bench.versions(),
+               "config": cfg, "wall_time_s": wall, **out}
+    import json
+
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    payload["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload["machine"] = bench.machine_info()
+    for ext, text in (("json", json.dumps(payload, indent=2) + "\n"), ("md", table)):
+        with open(os.path.join(FLAGS.output_dir, f"accuracy_screen.{ext}"), "w") as f:
+            f.write(text)
+    print(table, flush=True)
+
+
 def main(_):
+    if FLAGS.mode == "screen":
+        return main_screen()
     cfg = resolve_config()
     # keras_swa.update_bn builds its pass function per call: silence TF's retracing warnings.
     tf.get_logger().setLevel("ERROR")
