@@ -14,11 +14,13 @@ export KERAS_SWA_TEST_INSTALLED=1
 echo "== keras_swa tests with Keras 3"
 pytest tests "$@"
 echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
-# Run once, with Keras 3, to keep CI within its budget: the benchmark smoke tests (the
-# benchmarks measure Keras 3; the multi-worker benchmark's workers use tf_keras there anyway)
+# Run once, with Keras 3, to keep CI within its budget: the benchmark smoke tests, the
+# accuracy benchmark's screen and forked runs (the benchmarks measure Keras 3; the
+# multi-worker benchmark's workers use tf_keras there anyway)
 # and the multi-worker tests, whose worker processes choose their Keras version themselves
 # (tf_keras for fit, Keras 3 for the custom loop) whatever the parent process uses.
 TF_USE_LEGACY_KERAS=1 pytest tests --ignore=tests/test_benchmarks_smoke.py \
+  --ignore=tests/test_fork.py --ignore=tests/test_screening.py \
   --ignore=tests/test_accuracy_benchmark.py --ignore=tests/test_multi_worker.py \
   --ignore=tests/test_multi_worker_resume.py "$@"
 echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"

@@ -196,6 +196,30 @@ def test_models_have_batch_norm_and_the_documented_size():
         models_lib.build_model("resnet", (8, 8, 1), 2)
 
 
+def test_cnn_size_weight_decay_scope_and_bn_momentum():
+    w = 16
+    model = models_lib.build_model("cnn", (28, 28, 1), 10, width=w, bn_momentum=0.9)
+    # Independent count: five conv3x3 without bias, each with BN (gamma, beta), dense head.
+    convs = [(1, w), (w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w)]
+    expected = sum(9 * a * b + 2 * b for a, b in convs) + 4 * w * 10 + 10
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    assert count == expected == 70_330
+    bns = keras_swa.backend.batch_norm_layers(model)
+    assert len(bns) == 5 and all(layer.momentum == 0.9 for layer in bns)
+    x = np.ones((2, 28, 28, 1), np.float32)
+    for scope, n_penalties in (("kernels", 6), ("all", 6 + 2 * 5 + 1)):
+        m = models_lib.build_model("cnn", (28, 28, 1), 10, width=2, weight_decay=1e-2,
+                                   weight_decay_scope=scope)
+        m(x)
+        assert len(m.losses) == n_penalties
+        # The penalty is l2(wd / 2): its gradient is wd * w, torch's weight_decay.
+        total = sum(float(np.sum(np.square(v.numpy()))) for v in m.trainable_weights
+                    if scope == "all" or "kernel" in v.path)
+        assert float(sum(float(l) for l in m.losses)) == pytest.approx(0.5e-2 * total, rel=1e-4)
+    with pytest.raises(ValueError, match="Received: weight_decay_scope='bias'"):
+        models_lib.build_model("cnn", (28, 28, 1), 10, weight_decay_scope="bias")
+
+
 def test_crop_flip_keeps_shape_and_pixels_shifted():
     import tensorflow as tf
 
@@ -208,6 +232,14 @@ def test_crop_flip_keeps_shape_and_pixels_shifted():
         # Every surviving pixel comes from the same image; padding brings only zeros.
         assert set(nonzero.tolist()) <= set(x[i].ravel().tolist())
         assert len(nonzero) >= 6 * 6
+    # Each output is the padded image cropped at some offset, flipped or not (checked here
+    # against every candidate, independently of how the batch version draws them).
+    out, _ = models_lib.augment_crop_flip(tf.constant(x), None, pad=2, seed=[0, 9])
+    padded = np.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    for i in range(2):
+        candidates = [c for dy in range(5) for dx in range(5)
+                      for c in (padded[i, dy:dy + 8, dx:dx + 8], padded[i, dy:dy + 8, dx:dx + 8][:, ::-1])]
+        assert any(np.array_equal(out[i].numpy(), c) for c in candidates)
 
 
 # ------------------------------------------------------------------------------ metrics
