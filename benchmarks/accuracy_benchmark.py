@@ -81,6 +81,7 @@ from benchmarks import data as data_lib  # noqa: E402
 from benchmarks import flags as bench  # noqa: E402
 from benchmarks import metrics as metrics_lib  # noqa: E402
 from benchmarks import models as models_lib  # noqa: E402
+from benchmarks import confirm  # noqa: E402
 from benchmarks import screening  # noqa: E402
 from keras_swa.backend import keras  # noqa: E402
 
@@ -90,9 +91,22 @@ NAME = "accuracy_benchmark"
 flags.DEFINE_enum(
     "mode",
     "final",
-    ["final", "screen"],
+    ["final", "screen", "confirm"],
     "'final': the table on the evaluation split; 'screen': the validation-only screen of "
-    "benchmarks/screening.py (never reads the test files), written to accuracy_screen.*.",
+    "benchmarks/screening.py (never reads the test files), written to accuracy_screen.*; "
+    "'confirm': the screen's chosen configuration on the test split, once "
+    "(benchmarks/confirm.py), written to accuracy_confirm.*.",
+)
+flags.DEFINE_string(
+    "screen_results",
+    os.path.join("benchmarks", "results", "accuracy_screen.json"),
+    "With --mode=confirm: the screen's JSON, whose chosen configuration is run.",
+)
+flags.DEFINE_string(
+    "configuration",
+    None,
+    "With --mode=confirm: run this screened configuration (its name in the screen's JSON) "
+    "instead of the one the decision rule chose; the report says it was not the rule's choice.",
 )
 flags.DEFINE_enum("dataset", "fashion_mnist", list(data_lib.DATASETS), "The data set.")
 flags.DEFINE_string(
@@ -908,9 +922,63 @@ def main_screen():
     print(table, flush=True)
 
 
+def main_confirm():
+    import json
+
+    cfg = resolve_screen_config()
+    cfg["mode"] = "confirm"
+    cfg.pop("validation_size")
+    cfg["test_size"] = _default(FLAGS.test_size, 0, 256)
+    cfg["seeds"] = list(range(FLAGS.first_seed, FLAGS.first_seed + _default(FLAGS.seeds, 3, 2)))
+    with open(FLAGS.screen_results, encoding="utf-8") as f:
+        screen = json.load(f)
+    name = FLAGS.configuration or screen["chosen"]
+    if name is None:
+        raise app.UsageError(
+            f"The screen in {FLAGS.screen_results} chose no configuration (none met its rule); "
+            "pass --configuration NAME to confirm one anyway. Received: configuration=None"
+        )
+    chosen = [c for c in screen["configurations"] if c["name"] == name]
+    if not chosen:
+        raise app.UsageError(
+            f"No configuration named {name!r} in {FLAGS.screen_results}: it has "
+            f"{[c['name'] for c in screen['configurations']]}. Received: configuration={name!r}"
+        )
+    chosen = dict(chosen[0], chosen_by_rule=name == screen["chosen"])
+    tf.get_logger().setLevel("ERROR")
+    start = time.time()
+    data = screening.load_screen_data(dict(cfg, validation_size=0), *_STATS[cfg["dataset"]])
+    _, (x_test, y_test) = data_lib.load_dataset(cfg["dataset"], cfg["data_dir"])
+    if cfg["test_size"]:
+        keep = np.sort(np.random.RandomState(cfg["data_seed"] + 1).permutation(len(x_test))
+                       [: cfg["test_size"]])
+        x_test, y_test = x_test[keep], y_test[keep]
+    cfg["test_size"] = len(x_test)
+    data["x_eval"] = data_lib.standardize(x_test, *_STATS[cfg["dataset"]])
+    data["y_eval"] = y_test
+    out = confirm.run_confirm(cfg, data, chosen, log=lambda m: print(m, flush=True))
+    wall = time.time() - start
+    table = confirm.confirm_table(out, cfg)
+    if not chosen["chosen_by_rule"]:
+        table += "\nThis configuration was NOT the screen's rule-based choice (--configuration).\n"
+    command = bench.command_line("benchmarks." + NAME)
+    table += f"\nWall time {wall / 60:.1f} min. Command: `{command}`\n"
+    payload = {"benchmark": NAME + " (confirm)", "command": command,
+               "versions": bench.versions(), "config": cfg, "wall_time_s": wall,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": bench.machine_info(), **out}
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    for ext, text in (("json", json.dumps(payload, indent=2, default=str) + "\n"), ("md", table)):
+        with open(os.path.join(FLAGS.output_dir, f"accuracy_confirm.{ext}"), "w") as f:
+            f.write(text)
+    print(table, flush=True)
+
+
 def main(_):
     if FLAGS.mode == "screen":
         return main_screen()
+    if FLAGS.mode == "confirm":
+        return main_confirm()
     cfg = resolve_config()
     # keras_swa.update_bn builds its pass function per call: silence TF's retracing warnings.
     tf.get_logger().setLevel("ERROR")

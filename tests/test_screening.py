@@ -99,6 +99,33 @@ def test_quick_screen_never_reads_the_test_files_and_follows_the_protocol(tmp_pa
         if eligible else None
     assert result["chosen"] == expected
 
+    # The confirmation run of a screened configuration, on the (real) test split.
+    name = result["configurations"][0]["name"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy_benchmark", "--mode=confirm", "--quick",
+         f"--screen_results={out_dir / 'accuracy_screen.json'}", f"--configuration={name}",
+         f"--output_dir={out_dir}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    confirmed = json.loads((out_dir / "accuracy_confirm.json").read_text())
+    by_rule = result["chosen"] == name
+    assert confirmed["chosen"]["name"] == name and confirmed["chosen"]["chosen_by_rule"] == by_rule
+    note = "NOT the screen's rule-based choice" in (out_dir / "accuracy_confirm.md").read_text()
+    assert note == (not by_rule)
+    marks = {"1": budget, "1.25": round(1.25 * budget), "1.5": round(1.5 * budget)}
+    for row in confirmed["rows"]:
+        assert row["epochs"] == marks[row["budget"]]
+        per_seed = confirmed["per_seed"]
+        expected = [100 * (r["swa"][row["budget"]]["swa"] - r["sgd"]["1"]) for r in per_seed]
+        assert row["swa_minus_sgd_B_points"]["values"] == pytest.approx(expected)
+        expected = [100 * (r["swa"][row["budget"]]["swa"] - r["sgd"][row["budget"]])
+                    for r in per_seed]
+        assert row["swa_minus_sgd_same_epochs_points"]["values"] == pytest.approx(expected)
+        # One capture per epoch (or per cycle) from epoch swa_start on, up to this mark.
+        if result["configurations"][0]["captures_per_epoch"] == 1:
+            assert row["captures"] == row["epochs"] - swa_start + 1
+
 
 def test_choose_applies_the_rule():
     def config(name, saturated, values):
