@@ -97,6 +97,11 @@ flags.DEFINE_enum(
     "'confirm': the screen's chosen configuration on the test split, once "
     "(benchmarks/confirm.py), written to accuracy_confirm.*.",
 )
+flags.DEFINE_list(
+    "screen_regimes",
+    ["crop_flip", "none"],
+    "With --mode=screen: the augmentation regimes screened ('crop_flip', 'none').",
+)
 flags.DEFINE_string(
     "screen_results",
     os.path.join("benchmarks", "results", "accuracy_screen.json"),
@@ -887,7 +892,14 @@ def resolve_screen_config():
         "first_seed": FLAGS.first_seed,
         "data_seed": FLAGS.data_seed,
         "num_classes": _NUM_CLASSES[FLAGS.dataset],
+        "regimes": list(FLAGS.screen_regimes),
     }
+    known = [r["name"] for r in screening.REGIMES]
+    if not cfg["regimes"] or any(r not in known for r in cfg["regimes"]):
+        raise app.UsageError(
+            f"`--screen_regimes` must name regimes among {known}. "
+            f"Received: screen_regimes={cfg['regimes']}"
+        )
     for key in ("width", "train_size", "validation_size", "batch_size", "seeds"):
         if cfg[key] < 1:
             raise app.UsageError(f"`--{key}` must be a positive integer. Received: {key}={cfg[key]}")

@@ -198,7 +198,8 @@ def run_screen(cfg, data, log=print):
     base = dict(model=cfg["model"], width=cfg["width"], num_classes=cfg["num_classes"],
                 batch_size=cfg["batch_size"], weight_decay_scope="all", bn_momentum=0.9)
     out = {"regimes": [], "configurations": []}
-    for regime in REGIMES:
+    regimes = [r for r in REGIMES if r["name"] in cfg.get("regimes", [r["name"] for r in REGIMES])]
+    for regime in regimes:
         log(f"== regime augment={regime['name']}: tuning SGD on seed {seeds[0]}")
         tuning = []
         for lr_init in SGD_LR_INIT:

@@ -68,7 +68,7 @@ def test_quick_screen_never_reads_the_test_files_and_follows_the_protocol(tmp_pa
     steps = -(-cfg["train_size"] // cfg["batch_size"])
     assert result["protocol"]["decision_rule"] == screening.DECISION_RULE
     assert screening.DECISION_RULE in table
-    assert len(result["regimes"]) == len(screening.REGIMES)
+    assert [r["augment"] for r in result["regimes"]] == [r["name"] for r in screening.REGIMES]
     assert len(result["configurations"]) == len(screening.REGIMES) * len(screening.SWA_CONFIGS)
     for regime in result["regimes"]:
         best = max(regime["sgd_tuning"], key=lambda t: t["val_accuracy"])
