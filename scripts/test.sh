@@ -22,7 +22,7 @@ echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
 TF_USE_LEGACY_KERAS=1 pytest tests --ignore=tests/test_benchmarks_smoke.py \
   --ignore=tests/test_fork.py --ignore=tests/test_screening.py \
   --ignore=tests/test_accuracy_benchmark.py --ignore=tests/test_multi_worker.py \
-  --ignore=tests/test_multi_worker_resume.py "$@"
+  --ignore=tests/test_multi_worker_resume.py --ignore=tests/test_presets.py "$@"
 echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # The files that cover what runs on JAX today: AveragedWeights (against numpy), the schedules,
 # and the refusal of every entry point not ported yet (docs/backends.md).
