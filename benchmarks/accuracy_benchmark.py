@@ -82,6 +82,8 @@ from benchmarks import flags as bench  # noqa: E402
 from benchmarks import metrics as metrics_lib  # noqa: E402
 from benchmarks import models as models_lib  # noqa: E402
 from benchmarks import confirm  # noqa: E402
+from benchmarks import paper_nets  # noqa: E402
+from benchmarks import presets as presets_lib  # noqa: E402
 from benchmarks import screening  # noqa: E402
 from keras_swa.backend import keras  # noqa: E402
 
@@ -96,6 +98,14 @@ flags.DEFINE_enum(
     "benchmarks/screening.py (never reads the test files), written to accuracy_screen.*; "
     "'confirm': the screen's chosen configuration on the test split, once "
     "(benchmarks/confirm.py), written to accuracy_confirm.*.",
+)
+flags.DEFINE_enum(
+    "preset",
+    None,
+    list(presets_lib.PRESETS),
+    "A row of the paper's Table 1 (docs/presets.md): its network, data set, lr_init, weight "
+    "decay, budget, SWA start and swa_lr, with pad-4 crop + flip, all training images and the "
+    "full test set. Needs a GPU and CIFAR on disk (--data_dir); flags given explicitly win.",
 )
 flags.DEFINE_list(
     "screen_regimes",
@@ -204,9 +214,33 @@ def _default(value, normal, quick):
     return quick if FLAGS.quick else normal
 
 
+def _apply_preset():
+    """Sets the flags a `--preset` defines, unless given on the command line."""
+    preset = presets_lib.PRESETS[FLAGS.preset]
+    values = {
+        "dataset": preset["dataset"],
+        "train_size": 0,
+        "test_size": 0,
+        "budget": preset["epochs"],
+        "batch_size": preset["batch_size"],
+        "lr_init": preset["lr_init"],
+        "momentum": preset["momentum"],
+        "weight_decay": preset["weight_decay"],
+        # start epoch = round(fraction * budget): the paper's swa_start exactly.
+        "swa_start": preset["swa_start"] / preset["epochs"],
+        "swa_lr_ratio": preset["swa_lr"] / preset["lr_init"],
+        "augment": "crop_flip",
+    }
+    for name, value in values.items():
+        if not FLAGS[name].present:
+            FLAGS[name].value = value
+
+
 def resolve_config():
     """The run's configuration (flags with their defaults resolved), validated."""
     bench.validate_common_flags()
+    if FLAGS.preset:
+        _apply_preset()
     cfg = {
         "quick": FLAGS.quick,
         "dataset": FLAGS.dataset,
@@ -235,6 +269,7 @@ def resolve_config():
         "seeds": _default(FLAGS.seeds, 3, 2),
         "first_seed": FLAGS.first_seed,
         "data_seed": FLAGS.data_seed,
+        "preset": FLAGS.preset,
     }
     augment = FLAGS.augment
     if augment == "auto":
@@ -344,6 +379,12 @@ def _train_dataset(data, cfg, seed):
 
 
 def _build(cfg, data):
+    if cfg.get("preset"):
+        preset = presets_lib.PRESETS[cfg["preset"]]
+        return paper_nets.build(
+            preset["net"], preset["num_classes"], cfg["weight_decay"],
+            input_shape=data["x_train"].shape[1:],
+        )
     return models_lib.build_model(
         cfg["model"],
         data["x_train"].shape[1:],
@@ -648,6 +689,8 @@ def run_swa(seed, cfg, data, progress, log):
     )
     _compile(model, keras.optimizers.SGD(lr, momentum=cfg["momentum"]))
     swa = keras_swa.SWA(
+        # One epoch later than the paper's code, which captures when (epoch + 1) >= swa_start
+        # (the screen and the confirmation follow the paper): docs/presets.md.
         start_epoch=start_epoch,
         cycle_length=1,
         bn_data=data["x_train"],

@@ -169,3 +169,33 @@ def test_one_step_finite(name):
     num_images = 2 if name.startswith("wrn") else 4
     loss = presets.one_step(name, num_images=num_images)
     assert math.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize(
+    "name, dataset, lr_init, wd, epochs, swa_start, swa_lr",
+    [
+        ("vgg16_cifar100", "cifar100", 0.05, 5e-4, 200, 161, 0.01),
+        ("preresnet164_cifar10", "cifar10", 0.1, 3e-4, 150, 126, 0.01),
+        ("wrn28_10_cifar100", "cifar100", 0.1, 5e-4, 200, 161, 0.05),
+    ],
+)
+def test_preset_flag_sets_the_papers_hyperparameters(name, dataset, lr_init, wd, epochs,
+                                                     swa_start, swa_lr):
+    import json
+    import subprocess
+
+    code = (
+        "import json; from absl import flags; "
+        "from benchmarks import accuracy_benchmark as a; "
+        f"flags.FLAGS(['x', '--preset={name}']); print(json.dumps(a.resolve_config()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cfg["dataset"] == dataset and cfg["budget"] == epochs
+    assert cfg["swa_start_epoch"] == swa_start
+    assert cfg["lr_init"] == lr_init and cfg["weight_decay"] == wd
+    assert cfg["swa_lr_ratio"] * cfg["lr_init"] == pytest.approx(swa_lr)
+    assert cfg["augment"] == "crop_flip" and cfg["batch_size"] == 128
+    assert cfg["train_size"] == 0 and cfg["test_size"] == 0
