@@ -18,10 +18,7 @@ For each seed, from one shared trunk (benchmarks/training.py; forks are bit-iden
 """
 
 import math
-import statistics
 import time
-
-import numpy as np
 
 import keras_swa
 from benchmarks import screening
@@ -34,10 +31,6 @@ MARKS = ("1", "1.25", "1.5")
 # The issue's target: SWA ahead of SGD at every budget on the mean, by at least this at 1.5 B
 # and in every seed there.
 TARGET_POINTS = 0.3
-
-
-def _acc(logits, labels):
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
 class _MarkEvaluator(keras.callbacks.Callback):
@@ -58,19 +51,13 @@ class _MarkEvaluator(keras.callbacks.Callback):
         if key == "1":
             self.copy.set_weights(self.model.get_weights())
             averaged.assign_to(self.copy)
-            out["no_bn_recompute"] = _acc(self.copy.predict(d["x_eval"], 1000, verbose=0),
+            out["no_bn_recompute"] = screening._accuracy(self.copy.predict(d["x_eval"], 1000, verbose=0),
                                           d["y_eval"])
-            out["iterate"] = _acc(self.model.predict(d["x_eval"], 1000, verbose=0), d["y_eval"])
+            out["iterate"] = screening._accuracy(self.model.predict(d["x_eval"], 1000, verbose=0), d["y_eval"])
         averaged.assign_to(self.copy)
         keras_swa.update_bn(self.copy, d["x_train"], batch_size=1000, verbose=0)
-        out["swa"] = _acc(self.copy.predict(d["x_eval"], 1000, verbose=0), d["y_eval"])
+        out["swa"] = screening._accuracy(self.copy.predict(d["x_eval"], 1000, verbose=0), d["y_eval"])
         self.results[key] = out
-
-
-def _ms(values):
-    values = [float(v) for v in values]
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
 def run_confirm(cfg, data, chosen, log=print):
@@ -80,7 +67,7 @@ def run_confirm(cfg, data, chosen, log=print):
     swa_start = int(round(0.8 * budget))
     trunk_epochs = swa_start // 2
     steps = math.ceil(len(data["x_train"]) / cfg["batch_size"])
-    pad = 2 if chosen["augment"] == "crop_flip" else 0
+    pad = {r["name"]: r["augment_pad"] for r in screening.REGIMES}[chosen["augment"]]
     spec = training.RunSpec(
         model=cfg["model"], width=cfg["width"], num_classes=cfg["num_classes"],
         batch_size=cfg["batch_size"], lr_init=chosen["lr_init"],
@@ -98,19 +85,14 @@ def run_confirm(cfg, data, chosen, log=print):
             run = training.Run(spec, data["x_train"], data["y_train"], seed, epochs)
             run.restore(trunk)
             run.fit(trunk_epochs, epochs)
-            result["sgd"][key] = _acc(run.predict(data["x_eval"]), data["y_eval"])
+            result["sgd"][key] = screening._accuracy(run.predict(data["x_eval"]), data["y_eval"])
         schedule = keras_swa.schedules.PaperSchedule(
             spec.lr_init, chosen["swa_lr_ratio"] * spec.lr_init, swa_start=swa_start * steps
         )
         run = training.Run(spec, data["x_train"], data["y_train"], seed, budget, schedule)
         run.restore(trunk)
-        common = dict(bn_data=data["x_train"], bn_batch_size=1000, verbose=0)
-        if chosen["captures_per_epoch"] == 1:
-            swa = keras_swa.SWA(start_epoch=swa_start - 1, **common)
-        else:
-            swa = keras_swa.SWA(start_step=(swa_start - 1) * steps, cycle_unit="step",
-                                cycle_length=max(1, steps // chosen["captures_per_epoch"]),
-                                **common)
+        swa = screening.swa_callback(swa_start, chosen["captures_per_epoch"], steps,
+                                     data["x_train"])
         copy = keras.models.clone_model(run.model)
         evaluator = _MarkEvaluator(swa, copy, data, marks)
         run.fit(trunk_epochs, marks["1.5"], [swa, evaluator])
@@ -129,16 +111,16 @@ def run_confirm(cfg, data, chosen, log=print):
         rows.append({
             "budget": key, "epochs": marks[key],
             "captures": per_seed[0]["swa"][key]["captures"],
-            "sgd": _ms([r["sgd"][key] for r in per_seed]),
-            "swa": _ms(swa),
-            "swa_minus_sgd_B_points": _ms(vs_b),
-            "swa_minus_sgd_same_epochs_points": _ms(vs_same),
+            "sgd": screening._mean_std([r["sgd"][key] for r in per_seed]),
+            "swa": screening._mean_std(swa),
+            "swa_minus_sgd_B_points": screening._mean_std(vs_b),
+            "swa_minus_sgd_same_epochs_points": screening._mean_std(vs_same),
             "seeds_better_than_sgd_B": sum(v > 0 for v in vs_b),
             "seeds_better_than_sgd_same_epochs": sum(v > 0 for v in vs_same),
         })
     ablation = {
-        "swa_no_bn_recompute": _ms([r["swa"]["1"]["no_bn_recompute"] for r in per_seed]),
-        "swa_run_iterate": _ms([r["swa"]["1"]["iterate"] for r in per_seed]),
+        "swa_no_bn_recompute": screening._mean_std([r["swa"]["1"]["no_bn_recompute"] for r in per_seed]),
+        "swa_run_iterate": screening._mean_std([r["swa"]["1"]["iterate"] for r in per_seed]),
     }
     last = rows[-1]
     met = (all(r["swa_minus_sgd_B_points"]["mean"] > 0 for r in rows)
@@ -204,6 +186,3 @@ def confirm_table(out, cfg):
     )
     return "\n".join(lines) + "\n"
 
-
-# Re-exported so that a confirmation names the rule it follows.
-DECISION_RULE = screening.DECISION_RULE

@@ -58,6 +58,7 @@ __all__ = [
     "load_screen_data",
     "run_screen",
     "screen_table",
+    "swa_callback",
 ]
 
 REGIMES = ({"name": "crop_flip", "augment_pad": 2}, {"name": "none", "augment_pad": 0})
@@ -98,6 +99,19 @@ def load_screen_data(cfg, mean, std):
         "x_val": data_lib.standardize(x[val], mean, std),
         "y_val": y[val],
     }
+
+
+def swa_callback(swa_start, per_epoch, steps, bn_data):
+    """`keras_swa.SWA` capturing `per_epoch` times an epoch, first after `swa_start` epochs.
+
+    The paper's code captures when `(epoch + 1) >= swa_start`, so the first capture ends epoch
+    index `swa_start - 1`; more captures per epoch are step cycles of `steps // per_epoch`.
+    """
+    common = dict(bn_data=bn_data, bn_batch_size=1000, verbose=0)
+    if per_epoch == 1:
+        return keras_swa.SWA(start_epoch=swa_start - 1, **common)
+    return keras_swa.SWA(start_step=(swa_start - 1) * steps, cycle_unit="step",
+                         cycle_length=max(1, steps // per_epoch), **common)
 
 
 def _accuracy(logits, labels):
@@ -232,12 +246,7 @@ def run_screen(cfg, data, log=print):
                 run = training.Run(spec, data["x_train"], data["y_train"], seed, budget,
                                    schedule=schedule)
                 run.restore(trunk)
-                common = dict(bn_data=data["x_train"], bn_batch_size=1000, verbose=0)
-                if per_epoch == 1:
-                    swa = keras_swa.SWA(start_epoch=swa_start - 1, **common)
-                else:
-                    swa = keras_swa.SWA(start_step=(swa_start - 1) * steps, cycle_unit="step",
-                                        cycle_length=max(1, steps // per_epoch), **common)
+                swa = swa_callback(swa_start, per_epoch, steps, data["x_train"])
                 diag = _Diagnostics(swa, data, run, swa_start - 1, budget - 1)
                 run.fit(trunk_epochs, budget, [swa, diag])
                 result = _evaluate(run, data)
