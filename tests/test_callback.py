@@ -571,11 +571,6 @@ def test_messages_go_to_absl_logging_when_interactive_logging_is_off(
     assert all(r.levelno == logging.INFO for r in caplog.records if "SWA" in r.getMessage())
 
 
-def test_interactive_logging_setting_is_restored_by_the_fixture(non_interactive_logging):
-    config = keras.config if IS_KERAS_3 else keras.utils
-    assert not config.is_interactive_logging_enabled()
-
-
 # ------------------------------------------------------------------ variables=
 
 
