@@ -12,8 +12,10 @@ a backend must never compute there (a half-working update would give wrong avera
 """
 
 import os
+import sys
 
 import tensorflow as tf
+from absl import logging as absl_logging
 
 __all__ = [
     "IS_KERAS_3",
@@ -25,7 +27,9 @@ __all__ = [
     "get_learning_rate",
     "index_dtype",
     "is_floating",
+    "is_interactive_logging_enabled",
     "iter_layers",
+    "print_msg",
     "require_backend",
     "set_learning_rate",
     "steps_per_execution",
@@ -118,6 +122,36 @@ def require_backend(entry_point, backend=None):
             f"variable (e.g. KERAS_BACKEND=tensorflow) before Keras is imported. "
             f"Received: backend={backend!r}"
         )
+
+
+def is_interactive_logging_enabled():
+    """Whether Keras prints to stdout (`True`) or logs through absl (`False`).
+
+    Keras 3 calls it `keras.config.is_interactive_logging_enabled`, tf_keras
+    `tf_keras.utils.is_interactive_logging_enabled`; both follow
+    `disable_interactive_logging()` / `enable_interactive_logging()` of the same module.
+    """
+    if IS_KERAS_3:
+        return keras.config.is_interactive_logging_enabled()
+    return keras.utils.is_interactive_logging_enabled()
+
+
+def print_msg(message):
+    """Writes a callback message where Keras' own callbacks write theirs.
+
+    With interactive logging enabled (the default) the message and a line break go to stdout,
+    as Keras' `ModelCheckpoint` or `ReduceLROnPlateau` print: start the message with `"\n"` to
+    end a progress bar's line first. With interactive logging disabled it goes to absl logging
+    at INFO level, without leading line breaks (a log record is its own line).
+
+    Args:
+        message: the text, e.g. `"\nEpoch 5: SWA captured the weights (n_averaged=3)."`.
+    """
+    if is_interactive_logging_enabled():
+        sys.stdout.write(f"{message}\n")
+        sys.stdout.flush()
+    else:
+        absl_logging.info(message.lstrip("\n"))
 
 
 def iter_layers(model):

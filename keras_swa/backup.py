@@ -64,6 +64,9 @@ class StateBackup:
     Example:
 
     >>> import os, tempfile
+    >>> import keras_swa
+    >>> from keras_swa.backend import keras  # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
+    >>> from keras_swa.backup import StateBackup
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> averaged = keras_swa.AveragedWeights(model)
     >>> backup = StateBackup(tempfile.mkdtemp(), averaged)

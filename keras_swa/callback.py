@@ -16,7 +16,7 @@ import os
 import warnings
 
 from keras_swa import backend
-from keras_swa.averaged_weights import AveragedWeights
+from keras_swa.averaged_weights import _MODES, _NONFINITE, AveragedWeights
 from keras_swa.backend import keras
 from keras_swa.backup import StateBackup
 from keras_swa.batch_norm import update_bn
@@ -32,6 +32,36 @@ _CYCLE_UNITS = ("epoch", "step")
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_averaging_arguments(mode, decay, nonfinite):
+    """`AveragedWeights`' rules for `mode`, `decay` and `nonfinite`, checked before training.
+
+    The callback builds its `AveragedWeights` at train begin, once the model is known; these
+    checks make a bad combination fail when the callback is created instead, with the same
+    accepted values (`_MODES`, `_NONFINITE` are AveragedWeights' own).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"`mode` must be one of {_MODES}. Received: mode={mode!r}")
+    if mode == "ema" and (
+        decay is None or isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0
+    ):
+        raise ValueError(
+            f"`decay` must be a float in [0, 1) when `mode='ema'`. Received: decay={decay!r}"
+        )
+    if mode != "ema" and decay is not None:
+        raise ValueError(
+            "`decay` is only used with `mode='ema'`; equal-weight SWA has no decay. "
+            f"Received: mode={mode!r}, decay={decay!r}"
+        )
+    if nonfinite not in _NONFINITE:
+        raise ValueError(
+            f"`nonfinite` must be one of {_NONFINITE}. Received: nonfinite={nonfinite!r}"
+        )
+
+
+def _variable_name(variable):
+    return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
 
 
 def _is_positive_number(value):
@@ -83,11 +113,14 @@ class SWA(keras.callbacks.Callback):
         overwrite_export: replace an existing SavedModel at `export_dir`. Defaults to `False`.
         mode: `"swa"` (equal-weight average) or `"ema"` (exponential moving average with
             `decay`, captured on the same cycle ends). Defaults to `"swa"`.
-        decay: EMA decay, for `mode="ema"` only.
-        include_non_trainable: average the non-trainable variables too. Defaults to `False`.
+        decay: EMA decay in [0, 1), required with `mode="ema"` and refused otherwise.
+        include_non_trainable: average the non-trainable variables too (with a `variables`
+            predicate: offer them to it too). Defaults to `False`.
         nonfinite: a capture with NaN/Inf weights (training diverged) `"raise"`s an error that
-            names the epoch or step and the first bad variable, or is `"skip"`ped with a
-            warning (not counted). The average is never poisoned. Defaults to `"raise"`.
+            names the epoch or step and the first bad variable, is `"skip"`ped with a
+            warning (not counted), or is averaged in as it is with `"ignore"` (no check, one
+            read of the weights fewer per capture). Only `"ignore"` can poison the average.
+            Defaults to `"raise"`.
         backup_dir: a directory for SWA's own crash-safe state (averages, count, captures).
             Use it with `keras.callbacks.BackupAndRestore`: pass the same directory and the
             same frequency, and put `SWA` BEFORE `BackupAndRestore` in the callbacks list. A
@@ -105,7 +138,15 @@ class SWA(keras.callbacks.Callback):
             `val_swa_loss`, `val_swa_<metric>`. Every variable of the model is restored
             afterwards, so training follows exactly the same trajectory. Defaults to `None`.
         swa_validation_freq: positive int, evaluate every this many epochs. Defaults to 1.
-        verbose: 1 prints a line at each capture and at the end; 0 is silent. Defaults to 1.
+        verbose: 0 (silent) or 1: a message at each capture (step captures: one message at
+            the epoch's end), on resume and at the end of training, printed as Keras' own
+            callbacks print theirs (`"\nEpoch 5: SWA ..."`), so to absl logging when
+            `keras.config.disable_interactive_logging()` is in effect. Defaults to 1.
+        variables: what to average, resolved against the model at train begin: `None` (all
+            trainable variables, see `include_non_trainable`), a list of the model's variables,
+            or a callable `variable -> bool` applied to each trainable variable (e.g.
+            `lambda v: v.path.startswith("head")`). The others keep the last iterate at the
+            end. Defaults to `None`.
 
     Example:
 
@@ -138,6 +179,7 @@ class SWA(keras.callbacks.Callback):
         swa_validation_data=None,
         swa_validation_freq=1,
         verbose=1,
+        variables=None,
     ):
         backend.require_backend("SWA")
         super().__init__()
@@ -218,15 +260,26 @@ class SWA(keras.callbacks.Callback):
                 "`swa_validation_freq` must be a positive int. "
                 f"Received: swa_validation_freq={swa_validation_freq!r}"
             )
-        if verbose not in (0, 1, 2, True, False):
-            raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
-        # Checked here so that a bad mode/decay fails before training, not at train begin.
-        if mode not in ("swa", "ema"):
-            raise ValueError(f"`mode` must be 'swa' or 'ema'. Received: mode={mode!r}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(
-                f"`nonfinite` must be 'raise' or 'skip'. Received: nonfinite={nonfinite!r}"
-            )
+        if verbose not in (0, 1):  # True and False are 1 and 0
+            raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+        _check_averaging_arguments(mode, decay, nonfinite)
+        if variables is not None and not callable(variables):
+            if not isinstance(variables, (list, tuple)):
+                raise TypeError(
+                    "`variables` must be a list of the model's variables or a callable "
+                    f"`variable -> bool`. Received: variables={variables!r}"
+                )
+            if not variables:
+                raise ValueError(
+                    "`variables` is empty: there would be nothing to average. "
+                    f"Received: variables={variables!r}"
+                )
+            if include_non_trainable:
+                raise ValueError(
+                    "`include_non_trainable` widens the candidates of a `variables` predicate "
+                    "and means nothing with a list of variables: list the non-trainable ones "
+                    "too. Received: variables=[...], include_non_trainable=True"
+                )
 
         self.start_epoch = start_epoch
         self.start_step = start_step
@@ -242,6 +295,7 @@ class SWA(keras.callbacks.Callback):
         self.mode = mode
         self.decay = decay
         self.include_non_trainable = include_non_trainable
+        self.variables = variables
         self.nonfinite = nonfinite
         self.backup_dir = backup_dir
         self.backup_freq = backup_freq
@@ -259,8 +313,9 @@ class SWA(keras.callbacks.Callback):
         self._last_swa_step = 0
         self._cyclic = None  # the Cyclic schedule, built at train begin
         self._known_iteration = None  # optimizer.iterations as last read within this epoch
-        self._current_lr = None  # the learning rate this callback last set
-        self._lr_applied = False
+        self._current_lr = None  # the learning rate this callback last set in this fit
+        self._epoch = None  # the epoch running or last finished, for the messages
+        self._pending_steps = []  # step captures of this epoch, reported at its end
 
         # Batch hooks are bound per instance, only when needed: a callback that overrides
         # `on_train_batch_end` turns off Keras' asynchronous dispatch for the whole fit.
@@ -287,9 +342,49 @@ class SWA(keras.callbacks.Callback):
     def _in_swa_phase(self):
         return self._start_iteration is not None
 
-    def _log(self, message):
-        if self.verbose:
-            print(message)
+    def _log(self, message, new_line=True):
+        """Prints `Epoch N: SWA <message>` as Keras' callbacks print theirs (`verbose=1`).
+
+        `new_line` starts with a line break that ends the epoch's progress bar line first, as
+        `ModelCheckpoint` and `ReduceLROnPlateau` do; with interactive logging disabled the
+        message goes to absl logging instead (`keras_swa.backend.print_msg`).
+        """
+        if not self.verbose:
+            return
+        prefix = "SWA" if self._epoch is None else f"Epoch {self._epoch + 1}: SWA"
+        backend.print_msg(("\n" if new_line else "") + f"{prefix} {message}")
+
+    def _selected_variables(self, model):
+        """The model, or the variables `variables` picks from it (checked against it)."""
+        if self.variables is None:
+            return model
+        if callable(self.variables):
+            candidates = (
+                model.variables if self.include_non_trainable else model.trainable_variables
+            )
+            selected = [v for v in candidates if self.variables(v)]
+            if not selected:
+                kind = "" if self.include_non_trainable else "trainable "
+                raise ValueError(
+                    f"`variables` selected none of the model's {len(candidates)} {kind}"
+                    f"variables. Received: variables={self.variables!r}"
+                )
+            return selected
+        own = {id(v) for v in model.variables}
+        seen = set()
+        for v in self.variables:
+            if id(v) not in own:
+                raise ValueError(
+                    f"`variables` must be variables of the model; {_variable_name(v)!r} is not "
+                    f"one of them. Received: variables={self.variables!r}"
+                )
+            if id(v) in seen:
+                raise ValueError(
+                    f"`variables` lists {_variable_name(v)!r} twice. "
+                    f"Received: variables={self.variables!r}"
+                )
+            seen.add(id(v))
+        return list(self.variables)
 
     # ------------------------------------------------------------------ crash-safe state
 
@@ -316,7 +411,7 @@ class SWA(keras.callbacks.Callback):
         self.captures = [tuple(c) for c in state["captures"]]
         self._resumed = True
         self._log(
-            f"SWA: resumed at optimizer step {step} with "
+            f"resumed at optimizer step {step} with "
             f"n_averaged={int(self.averaged.n_averaged.numpy())}."
         )
 
@@ -407,16 +502,19 @@ class SWA(keras.callbacks.Callback):
                 f"Received: steps per epoch={self._steps_per_epoch!r}"
             )
         self._cyclic = self._schedule()
-        self._lr_applied = False
+        self._current_lr = None
+        self._epoch = None
+        self._pending_steps = []
         if self.averaged is None:
-            self.averaged = AveragedWeights(
-                model,
-                mode=self.mode,
-                decay=self.decay,
-                include_non_trainable=self.include_non_trainable,
-                nonfinite=self.nonfinite,
-                name="swa",
-            )
+            with find_strategy(model).scope():  # a list of variables does not name a strategy
+                self.averaged = AveragedWeights(
+                    self._selected_variables(model),
+                    mode=self.mode,
+                    decay=self.decay,
+                    include_non_trainable=self.include_non_trainable,
+                    nonfinite=self.nonfinite,
+                    name="swa",
+                )
         if self.backup_dir is not None and self._backup is None:
             self._backup = StateBackup(
                 self.backup_dir, self.averaged, strategy=find_strategy(model)
@@ -474,6 +572,7 @@ class SWA(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._maybe_restore()  # a run resumed after its last epoch trains no epoch at all
+        self._report_step_captures()
         n = int(self.averaged.n_averaged.numpy()) if self.averaged is not None else 0
         if n == 0:
             warnings.warn(
@@ -483,8 +582,9 @@ class SWA(keras.callbacks.Callback):
                 stacklevel=2,
             )
             return
-        self.averaged.assign_to(self.model)
-        self._log(f"SWA: model set to the average of {n} captures.")
+        # The tracked variables: all of the model's, or those `variables` selected.
+        self.averaged.assign_to()
+        self._log(f"set the model to the average of {n} captures.", new_line=False)
         if backend.batch_norm_layers(self.model):
             seen = update_bn(
                 self.model,
@@ -493,7 +593,7 @@ class SWA(keras.callbacks.Callback):
                 batch_size=self.bn_batch_size,
                 verbose=0,
             )
-            self._log(f"SWA: BatchNorm statistics recomputed over {seen} samples.")
+            self._log(f"recomputed the BatchNorm statistics over {seen} samples.", new_line=False)
         if self.export_dir is not None:
             # A resumed job may have exported before it was killed: that model is its own.
             overwrite = self.overwrite_export or (
@@ -501,13 +601,14 @@ class SWA(keras.callbacks.Callback):
             )
             path = export_saved_model(self.model, self.export_dir, overwrite=overwrite)
             if path is not None:  # None on non-chief workers, which write nothing
-                self._log(f"SWA: SavedModel written to {path}.")
+                self._log(f"wrote the SavedModel to {path}.", new_line=False)
         if self._backup is not None:
             self._backup.delete()
 
     # ------------------------------------------------------------------ epochs
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
         self._maybe_restore()
         self._known_iteration = None
         if self._start_epoch is not None and epoch == self._start_epoch:
@@ -520,7 +621,6 @@ class SWA(keras.callbacks.Callback):
         ):
             backend.set_learning_rate(self.model.optimizer, self.swa_lr)
             self._current_lr = self.swa_lr
-            self._lr_applied = True
 
     def on_epoch_end(self, epoch, logs=None):
         if (
@@ -530,6 +630,7 @@ class SWA(keras.callbacks.Callback):
             and (epoch - self._start_epoch + 1) % self.cycle_length == 0
         ):
             self._capture(epoch)
+        self._report_step_captures()
         if self.backup_freq == "epoch":
             self._save_state()
         if (
@@ -548,7 +649,7 @@ class SWA(keras.callbacks.Callback):
         data = self.swa_validation_data
         snapshot = snapshot_variables(self.model)
         try:
-            self.averaged.assign_to(self.model)
+            self.averaged.assign_to()
             if backend.batch_norm_layers(self.model):
                 update_bn(
                     self.model, self.bn_data, steps=self.bn_steps,
@@ -565,11 +666,9 @@ class SWA(keras.callbacks.Callback):
     # ------------------------------------------------------------------ steps (bound per instance)
 
     def _set_learning_rate_for_step(self, batch, logs=None):
-        if self.start_step is not None and self._start_iteration is None:
-            self._start_iteration = self.start_step
         if not self._in_swa_phase() or self.swa_lr is None:
             return
-        if self._cyclic is None and self._lr_applied:
+        if self._cyclic is None and self._current_lr is not None:
             return  # constant swa_lr, already in the optimizer
         iteration = self._known_iteration
         if iteration is None:
@@ -580,7 +679,6 @@ class SWA(keras.callbacks.Callback):
         lr = self.swa_lr if self._cyclic is None else float(self._cyclic(swa_step - 1))
         backend.set_learning_rate(self.model.optimizer, lr)
         self._current_lr = lr
-        self._lr_applied = True
 
     def _capture_on_step_cycle(self, batch, logs=None):
         # One read of the step counter per step; the next batch-begin hook reuses it.
@@ -601,6 +699,22 @@ class SWA(keras.callbacks.Callback):
             )
         self._capture(None, iteration)
 
+    def _report_step_captures(self):
+        """One line for the epoch's step captures, at its end: never inside its progress bar."""
+        steps, self._pending_steps = self._pending_steps, []
+        if not steps:
+            return
+        if len(steps) == 1:
+            where = f"step {steps[0]}"
+        elif len(steps) <= 3:
+            where = "steps " + ", ".join(str(s) for s in steps)
+        else:
+            where = f"{len(steps)} steps ({steps[0]}, {steps[1]}, ..., {steps[-1]})"
+        self._log(
+            f"captured the weights at {where} (n_averaged="
+            f"{int(self.averaged.n_averaged.numpy())}, learning_rate={self.captures[-1][2]:.6g})."
+        )
+
     def _capture(self, epoch, step=None):
         if step is None:
             step = self._iterations()
@@ -616,8 +730,10 @@ class SWA(keras.callbacks.Callback):
         else:
             lr = backend.get_learning_rate(self.model.optimizer)
         self.captures.append((epoch, step, lr))
-        if self.verbose:
+        if epoch is None:
+            self._pending_steps.append(step)  # reported at the epoch's end
+        else:
             self._log(
-                f"SWA: captured weights at {where} "
-                f"(n_averaged={int(self.averaged.n_averaged.numpy())}, learning_rate={lr:.6g})."
+                f"captured the weights (n_averaged={int(self.averaged.n_averaged.numpy())}, "
+                f"learning_rate={lr:.6g})."
             )

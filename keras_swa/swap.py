@@ -69,7 +69,7 @@ class SwapAveragedWeights(keras.callbacks.Callback):
         if averaged is None or int(averaged.n_averaged.numpy()) == 0:
             return
         self._backup = snapshot_variables(self.model)
-        averaged.assign_to(self.model)
+        averaged.assign_to()  # the variables SWA tracks: all, or those `variables=` chose
         if self.bn_data is not None:
             update_bn(self.model, self.bn_data, batch_size=self.bn_batch_size, verbose=0)
 

@@ -4,3 +4,5 @@ Bump it whenever a saved format changes (see CHANGELOG.md).
 """
 
 __version__ = "0.2.0"
+
+__all__ = ["__version__"]

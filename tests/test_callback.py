@@ -4,7 +4,9 @@ Every expectation is computed independently: numpy means of weights recorded by 
 the paper's cyclic formula written out here, numpy BatchNorm statistics of the layer inputs.
 """
 
+import logging
 import os
+import re
 import warnings
 
 import numpy as np
@@ -311,13 +313,18 @@ def test_epoch_captures_do_not_override_batch_end_hook():
         ({"swa_lr_min": 0.1}, "swa_lr=None"),
         ({"bn_steps": 0}, "bn_steps=0"),
         ({"mode": "avg"}, "mode='avg'"),
+        ({"decay": 0.9}, "mode='swa', decay=0.9"),
+        ({"mode": "ema"}, "decay=None"),
+        ({"mode": "ema", "decay": 1.0}, "decay=1.0"),
+        ({"verbose": 2}, "`verbose` must be 0 or 1. Received: verbose=2"),
+        ({"variables": []}, "variables=[]"),
         ({"nonfinite": "warn"}, "nonfinite='warn'"),
         ({"backup_freq": 0}, "backup_freq=0"),
         ({"swa_validation_freq": 0}, "swa_validation_freq=0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         SWA(**kwargs)
 
 
@@ -467,3 +474,192 @@ def test_constant_swa_lr_from_a_start_step():
         assert lr == pytest.approx(0.1 if it <= 6 else 0.01), (it, lr)
     assert [step for _, step, _ in swa.captures] == [8, 10, 12]
     _assert_weights(model, _mean([snap for it, _, snap in rec.steps if it in (8, 10, 12)]))
+
+
+def test_nonfinite_ignore_averages_the_capture_unchecked():
+    x, y = _data(9)
+    model = _dense_model(lr=0.0)
+    swa = SWA(nonfinite="ignore", verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, callbacks=[_Diverge(0), swa], verbose=0)
+    # Counted, and the NaN went into the average as it was: no check ran.
+    assert int(swa.averaged.n_averaged.numpy()) == 1
+    kernel = np.asarray(swa.averaged.averages[-2])
+    assert np.isnan(kernel[0, 0])
+    assert np.isfinite(np.delete(kernel.ravel(), 0)).all()
+
+
+# ------------------------------------------------------------------ messages and verbose
+
+
+class _Marker(keras.callbacks.Callback):
+    """Prints a marker at every batch end (listed after SWA, so it runs after SWA's hooks)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        print(f"<batch {int(self.model.optimizer.iterations.numpy())}>")
+
+
+def test_messages_print_like_keras_epoch_messages(capsys):
+    x, y = _data()
+    model = _bn_model()
+    swa = SWA(start_epoch=1, swa_lr=0.02, bn_data=x, bn_batch_size=BATCH)
+    model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[swa], verbose=0)
+    out = capsys.readouterr().out
+    # The capture messages start with a line break (ending a progress bar's line) and the
+    # epoch, as ModelCheckpoint's "\nEpoch 5: saving model ..." does.
+    assert out == (
+        "\nEpoch 2: SWA captured the weights (n_averaged=1, learning_rate=0.02).\n"
+        "\nEpoch 3: SWA captured the weights (n_averaged=2, learning_rate=0.02).\n"
+        "Epoch 3: SWA set the model to the average of 2 captures.\n"
+        f"Epoch 3: SWA recomputed the BatchNorm statistics over {N} samples.\n"
+    )
+
+
+def test_step_capture_messages_wait_for_the_epoch_end(capsys):
+    x, y = _data()  # 4 steps per epoch
+    model = _dense_model()
+    swa = SWA(start_step=0, cycle_unit="step", cycle_length=1)
+    model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa, _Marker()], verbose=0)
+    lines = capsys.readouterr().out.splitlines()
+    # Nothing between the batches of an epoch: one line after its last batch.
+    assert lines == [
+        "<batch 1>", "<batch 2>", "<batch 3>", "<batch 4>",
+        "",
+        "Epoch 1: SWA captured the weights at 4 steps (1, 2, ..., 4) "
+        "(n_averaged=4, learning_rate=0.05).",
+        "<batch 5>", "<batch 6>", "<batch 7>", "<batch 8>",
+        "",
+        "Epoch 2: SWA captured the weights at 4 steps (5, 6, ..., 8) "
+        "(n_averaged=8, learning_rate=0.05).",
+        "Epoch 2: SWA set the model to the average of 8 captures.",
+    ]
+
+
+def test_verbose_0_is_silent(capsys):
+    x, y = _data()
+    model = _bn_model()
+    swa = SWA(start_epoch=0, bn_data=x, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa], verbose=0)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.fixture
+def non_interactive_logging():
+    config = keras.config if IS_KERAS_3 else keras.utils
+    was_enabled = config.is_interactive_logging_enabled()
+    config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            config.enable_interactive_logging()
+
+
+def test_messages_go_to_absl_logging_when_interactive_logging_is_off(
+    non_interactive_logging, capsys, caplog
+):
+    x, y = _data()
+    model = _dense_model()
+    swa = SWA(start_epoch=1, swa_lr=0.02)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[swa], verbose=0)
+    assert "SWA" not in capsys.readouterr().out
+    messages = [r.getMessage() for r in caplog.records if "SWA" in r.getMessage()]
+    assert messages == [
+        "Epoch 2: SWA captured the weights (n_averaged=1, learning_rate=0.02).",
+        "Epoch 2: SWA set the model to the average of 1 captures.",
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records if "SWA" in r.getMessage())
+
+
+# ------------------------------------------------------------------ variables=
+
+
+def _head_model(lr=0.05):
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(6, name="dense_in")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Activation("relu")(h)
+    outputs = keras.layers.Dense(1, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model
+
+
+def _is_head(variable):
+    head_ids = {id(w) for w in _is_head.model.get_layer("head").weights}
+    return id(variable) in head_ids
+
+
+@pytest.mark.parametrize("form", ["list", "predicate"])
+def test_variables_average_only_the_selection(form):
+    x, y = _data(14)
+    model = _head_model()
+    _is_head.model = model
+    head = model.get_layer("head").trainable_weights
+    selection = list(head) if form == "list" else _is_head
+    swa = SWA(start_epoch=1, swa_lr=0.02, bn_data=x, bn_batch_size=BATCH, variables=selection,
+              verbose=0)
+    rec = Recorder()
+    model.fit(x, y, batch_size=BATCH, epochs=4, callbacks=[swa, rec], verbose=0, shuffle=False)
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    chosen = [index[id(v)] for v in head]
+    assert [id(v) for v in swa.averaged.tracked_variables] == [id(v) for v in head]
+    captured = [snap for epoch, _, snap in rec.epochs if epoch >= 1]
+    last = rec.epochs[-1][2]
+    for i, v in enumerate(model.trainable_variables):
+        if i in chosen:
+            expected = np.mean([snap[i] for snap in captured], axis=0)
+        else:
+            expected = last[i]  # the last iterate, untouched by the average
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The head's mean differs from its last iterate, so the test tells the two apart.
+    assert not np.allclose(last[chosen[0]], np.mean([s[chosen[0]] for s in captured], axis=0))
+    # BatchNorm was recomputed (for the model as it ends: last-iterate dense_in).
+    kernel, bias = (w.numpy().astype(np.float64) for w in model.get_layer("dense_in").weights)
+    h = x.astype(np.float64) @ kernel + bias
+    batches = [h[i : i + BATCH] for i in range(0, N, BATCH)]
+    np.testing.assert_allclose(
+        model.get_layer("bn").moving_mean.numpy(),
+        np.mean([b.mean(axis=0) for b in batches], axis=0), rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_variables_subset_with_swap_averaged_weights():
+    from keras_swa.swap import SwapAveragedWeights
+
+    x, y = _data(15)
+    model = _dense_model()
+    head = list(model.layers[-1].trainable_weights)
+    swa = SWA(start_epoch=0, variables=head, verbose=0)
+    rec = Recorder()
+    model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0,
+              callbacks=[swa, rec, SwapAveragedWeights(swa)])
+    captured = [snap for _, _, snap in rec.epochs]
+    np.testing.assert_allclose(head[0].numpy(), np.mean([s[-2] for s in captured], axis=0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.trainable_variables[0].numpy(), captured[-1][0],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_bad_variables():
+    x, y = _data()
+    model = _dense_model()
+    other = _dense_model()
+    with pytest.raises(TypeError, match="Received: variables='dense'"):
+        SWA(variables="dense")
+    with pytest.raises(ValueError, match="include_non_trainable=True"):
+        SWA(variables=list(model.trainable_variables), include_non_trainable=True)
+    stranger = other.trainable_variables[0]
+    with pytest.raises(ValueError, match="is not one of them. Received: variables="):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[SWA(variables=[stranger], verbose=0)])
+    with pytest.raises(ValueError, match="twice"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[
+            SWA(variables=[model.trainable_variables[0]] * 2, verbose=0)])
+
+    def nothing(variable):
+        return False
+
+    with pytest.raises(ValueError, match=r"selected none of the model's 4 trainable variables"
+                       r"\. Received: variables=<function"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[SWA(variables=nothing, verbose=0)])
