@@ -66,6 +66,7 @@ SUPPORTED_BACKENDS = {
     "FGE": ("tensorflow",),
     "SwapAveragedWeights": ("tensorflow",),
     "update_bn": ("tensorflow",),
+    "average_checkpoints": ("tensorflow",),
     "export_saved_model": ("tensorflow",),
     "schedules": ("tensorflow", "jax"),
 }
