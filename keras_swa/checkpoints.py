@@ -12,7 +12,8 @@ Readable formats: Keras weights files (`model.save_weights("x.weights.h5")`, tf_
 `.keras` archive), read with `model.load_weights`; and TensorFlow checkpoints, read with
 `tf.train.Checkpoint`: prefixes written by `tf.train.Checkpoint(model=model)` (what
 `tf.train.CheckpointManager(...).checkpoints` lists) or with the model as the root object (tf_keras'
-`model.save_weights("prefix")`, TensorFlow format).
+`model.save_weights("prefix")`, TensorFlow format). On Keras 3's JAX backend, which
+`AveragedWeights` also runs on, Keras weights files are read and TensorFlow checkpoints refused.
 """
 
 import math

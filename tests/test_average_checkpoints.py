@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_swa import AveragedWeights, average_checkpoints
-from keras_swa.backend import IS_KERAS_3, keras
+from keras_swa.backend import IS_KERAS_3, backend_name, keras
 
 L = keras.layers
 
@@ -77,7 +77,10 @@ def _assert_identical(variables, values):
         np.testing.assert_array_equal(np.array(v.numpy()), value)
 
 
-_KINDS = ["weights.h5", "tf.train.Checkpoint"] + ([] if IS_KERAS_3 else ["tf_keras TF format"])
+# On JAX (KERAS_BACKEND=jax) only Keras weights files can be read.
+_KINDS = ["weights.h5"]
+if backend_name() == "tensorflow":
+    _KINDS += ["tf.train.Checkpoint"] + ([] if IS_KERAS_3 else ["tf_keras TF format"])
 
 
 @pytest.mark.parametrize("kind", _KINDS)
@@ -94,6 +97,7 @@ def test_average_is_the_numpy_mean_of_the_saved_weights(kind, tmp_path):
     assert not np.allclose(np.array(model.trainable_weights[0].numpy()), trainable[-1][0])
 
 
+@pytest.mark.tf_only("TensorFlow checkpoints")
 def test_mixed_formats_and_include_non_trainable(tmp_path):
     model = _model()
     paths, trainable, non_trainable = _saved_checkpoints(
@@ -105,6 +109,7 @@ def test_mixed_formats_and_include_non_trainable(tmp_path):
     _assert_close(model.non_trainable_weights, _numpy_mean(non_trainable))
 
 
+@pytest.mark.tf_only("TensorFlow checkpoints")
 def test_a_checkpoint_holding_the_optimizer_leaves_the_optimizer_alone(tmp_path):
     model = _model()
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
@@ -134,6 +139,7 @@ def test_invalid_paths_raise(paths, match):
         average_checkpoints(_model(), paths)
 
 
+@pytest.mark.tf_only("TensorFlow checkpoints")
 def test_a_missing_checkpoint_is_named_and_nothing_is_loaded(tmp_path):
     model = _model()
     paths, _, _ = _saved_checkpoints(model, tmp_path, ["weights.h5", "tf.train.Checkpoint"])
@@ -144,6 +150,7 @@ def test_a_missing_checkpoint_is_named_and_nothing_is_loaded(tmp_path):
         _assert_identical(model.weights, before)
 
 
+@pytest.mark.tf_only("TensorFlow checkpoints")
 def test_a_directory_or_an_index_file_is_refused_with_the_right_path(tmp_path):
     model = _model()
     (prefix,) = _saved_checkpoints(model, tmp_path, ["tf.train.Checkpoint"])[0]
@@ -195,3 +202,15 @@ def test_an_unbuilt_model_raises(tmp_path):
     unbuilt = keras.Sequential([L.Dense(3)])
     with pytest.raises(ValueError, match="built"):
         average_checkpoints(unbuilt, [path])
+
+
+@pytest.mark.jax_only
+def test_tensorflow_checkpoints_are_refused_on_jax(tmp_path):
+    model = _model()
+    (path,) = _saved_checkpoints(model, tmp_path, ["weights.h5"])[0]
+    prefix = str(tmp_path / "ckpt-1")
+    open(prefix + ".index", "w").close()  # looks like a TF checkpoint; never read
+    before = _values(model.weights)
+    with pytest.raises(ValueError, match=r"TensorFlow checkpoints .* Received: .*ckpt-1"):
+        average_checkpoints(model, [path, prefix])
+    _assert_identical(model.weights, before)
