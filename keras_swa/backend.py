@@ -70,6 +70,7 @@ SUPPORTED_BACKENDS = {
     "FGE": ("tensorflow",),
     "SwapAveragedWeights": ("tensorflow",),
     "update_bn": ("tensorflow",),
+    "average_checkpoints": ("tensorflow", "jax"),
     "export_saved_model": ("tensorflow",),
     "schedules": ("tensorflow", "jax"),
 }

@@ -27,9 +27,11 @@ the layer's statistics are those of the whole global batch. The sums are added a
 (and workers) once, at the end, so every replica ends with the same statistics.
 
 The compiled pass is kept per model (weakly: it never keeps a model alive) and reused by later
-calls with the same layers, strategy and `jit_compile`, so calling `update_bn` every epoch or
-for every SWAG draw traces the model once, as `fit` does. Like Keras' own compiled train and
-predict functions, it reflects the model's Python-level configuration at its first call.
+calls with the same layers, strategy, `jit_compile` and `call_fn`, so calling `update_bn` every
+epoch or for every SWAG draw traces the model once, as `fit` does. Like Keras' own compiled train
+and predict functions, it reflects the model's Python-level configuration at its first call.
+A `call_fn` is held weakly too, and a different `call_fn` (another function object) gets a new
+pass: a cached pass never runs a forward pass the caller did not ask for.
 """
 
 import contextlib
@@ -47,12 +49,14 @@ __all__ = ["update_bn"]
 
 _DEFAULT_BATCH_SIZE = 32
 
-# model -> {(strategy id, jit_compile, statistics ids): (strategy, compiled pass)}. Weak keys,
-# and the passes hold the model only weakly, so an entry dies with its model.
+# model -> {(strategy id, jit_compile, statistics ids, custom call?): _CachedPass}. Weak keys,
+# and the passes hold the model (and a `call_fn`) only weakly, so an entry dies with its model.
 _PASSES = weakref.WeakKeyDictionary()
 
 
-def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False):
+def update_bn(
+    model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False, call_fn=None
+):
     """Recomputes the moving statistics of a model's BatchNormalization layers.
 
     Runs one forward pass over `data` in training mode (no gradients, no optimizer step) and sets
@@ -99,6 +103,17 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_comp
             jit_compile=True)` per replica; the pass holds no float64 and no host round trip).
             Not needed under TPUStrategy, which compiles the pass itself; not possible with
             synchronized BN on several replicas. Defaults to `False`.
+        call_fn: a callable `call_fn(model, x)`, for models whose forward pass needs more
+            than `model(x, training=True)`. It runs the forward pass for one batch's inputs `x`
+            (the `x` of each data element, as above; under a strategy, the replica's share of
+            it) in place of `model(x, training=True)`, inside the compiled pass: it is traced
+            like a `train_step` (TensorFlow/Keras ops only; with `jit_compile=True` it must
+            compile with XLA). It must call the model or its layers with `training=True`: BN
+            layers it calls in inference mode, or not at all, keep their statistics. Its return
+            value is ignored. Each batch is weighted by the first dimension of `x`, so it may
+            select or transform inputs but must not drop samples. Everything else holds as
+            without it: reset, exact cumulative averages, one pass, everything restored.
+            Defaults to `None` (`model(x, training=True)`).
 
     Returns:
         The number of samples in the pass (an int); 0 when the model has no BN layer to update,
@@ -123,11 +138,24 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_comp
     [4.5, 5.5, 6.5]
     >>> np.asarray(bn.moving_variance).tolist()  # mean of the two batch variances
     [2.25, 2.25, 2.25]
+
+    A custom forward pass, here feeding the model half of its inputs:
+
+    >>> update_bn(model, x, batch_size=2, verbose=0,
+    ...           call_fn=lambda model, x: model(x * 0.5, training=True))
+    4
+    >>> np.asarray(bn.moving_mean).tolist()  # mean of x / 2
+    [2.25, 2.75, 3.25]
     """
     backend.require_backend("update_bn")
     _check_arguments(steps, batch_size, verbose)
     if not isinstance(jit_compile, bool):
         raise ValueError(f"`jit_compile` must be True or False. Received: jit_compile={jit_compile!r}")
+    if call_fn is not None and not callable(call_fn):
+        raise ValueError(
+            "`call_fn` must be a callable `call_fn(model, x)` that runs the forward pass in "
+            f"training mode, or None. Received: call_fn={call_fn!r}"
+        )
     if not getattr(model, "built", False):
         raise ValueError(
             "`update_bn` needs a built model (its BatchNormalization layers create their "
@@ -161,10 +189,12 @@ def update_bn(model, data, steps=None, batch_size=None, verbose="auto", jit_comp
     progbar = keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
     scope = contextlib.nullcontext() if tf.distribute.has_strategy() else strategy.scope()
     with scope:
-        return _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile)
+        return _recompute(
+            model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn
+        )
 
 
-def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile):
+def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn):
     """The pass itself, in the cross-replica context of `strategy`; returns the sample count."""
     stats = [var for layer in layers for var in _statistics(layer)]
     stat_ids = {id(var) for var in stats}
@@ -177,7 +207,7 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
     momenta = [layer.momentum for layer in layers]
     num_replicas = strategy.num_replicas_in_sync
 
-    step = _compiled_pass(model, stats, strategy, jit_compile)
+    step = _compiled_pass(model, stats, strategy, jit_compile, call_fn)
     size = sum(int(np.prod(var.shape)) for var in stats)
 
     succeeded = False
@@ -202,8 +232,9 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
                     inputs = _split_batch(strategy, x, n)
                 state = step(*inputs, state)
             except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
+                runner = "the model" if call_fn is None else f"`call_fn` ({call_fn!r})"
                 raise ValueError(
-                    f"`update_bn` could not run the model on a batch of `data` (batch "
+                    f"`update_bn` could not run {runner} on a batch of `data` (batch "
                     f"{num_steps + 1}, inputs {_describe(x)}); the data must match the model's "
                     "inputs and come in batches (a tf.data.Dataset must be batched). "
                     f"Received: data={_describe(data)}. Original error: {e}"
@@ -243,24 +274,65 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
     return seen
 
 
-def _compiled_pass(model, statistics, strategy, jit_compile):
+class _CachedPass:
+    """A model's compiled pass, with what it was built for (`strategy`, `call_fn`)."""
+
+    def __init__(self, strategy, call_fn_ref, step):
+        self.strategy = strategy
+        self.call_fn_ref = call_fn_ref
+        self.step = step
+
+    def serves(self, strategy, call_fn):
+        if self.strategy is not strategy:
+            return False
+        if call_fn is None:
+            return self.call_fn_ref is None
+        cached = None if self.call_fn_ref is None else self.call_fn_ref()
+        # `==`: a bound method is a new object at every attribute access, equal to the last.
+        return cached is not None and (cached is call_fn or cached == call_fn)
+
+
+def _weak_call_fn(call_fn):
+    """A weak reference to `call_fn` (`WeakMethod` for bound methods); `None` if impossible.
+
+    Held weakly so that the cache (whose keys are the models) never keeps alive a `call_fn`
+    that closes over its model.
+    """
+    if call_fn is None:
+        return None
+    try:
+        if hasattr(call_fn, "__self__") and hasattr(call_fn, "__func__"):
+            return weakref.WeakMethod(call_fn)
+        return weakref.ref(call_fn)
+    except TypeError:
+        return None
+
+
+def _compiled_pass(model, statistics, strategy, jit_compile, call_fn=None):
     """The model's `tf.function` pass for these statistics, created on first use and reused.
 
     Traced once per input signature (twice with an uneven last batch); `reduce_retracing`
-    keeps inputs whose shapes vary from batch to batch from retracing every batch.
+    keeps inputs whose shapes vary from batch to batch from retracing every batch. A pass with
+    a `call_fn` is reused only for the same `call_fn` (the same function object, or an equal
+    bound method); a new one replaces it. A `call_fn` that cannot be weakly referenced gets a
+    new pass at every call.
     """
-    key = (id(strategy), jit_compile, tuple(id(var) for var in statistics))
+    key = (id(strategy), jit_compile, tuple(id(var) for var in statistics), call_fn is not None)
     try:
         passes = _PASSES.setdefault(model, {})
     except TypeError:  # an object that cannot be weakly referenced: no reuse
         passes = {}
     cached = passes.get(key)
-    if cached is not None and cached[0] is strategy:
-        return cached[1]
+    if cached is not None and cached.serves(strategy, call_fn):
+        return cached.step
+    call_fn_ref = _weak_call_fn(call_fn)
     step = tf.function(
-        _ForwardPass(model, statistics, strategy, jit_compile), reduce_retracing=True
+        _ForwardPass(model, statistics, strategy, jit_compile, call_fn), reduce_retracing=True
     )
-    passes[key] = (strategy, step)
+    if call_fn is None or call_fn_ref is not None:
+        passes[key] = _CachedPass(strategy, call_fn_ref, step)
+    else:
+        passes.pop(key, None)
     return step
 
 
@@ -292,12 +364,17 @@ class _ForwardPass:
     """One training-mode forward pass per replica; folds the batch statistics into the sums.
 
     A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
-    every model's pass apart. It holds the model weakly: the cache of passes must not keep
-    models alive.
+    every model's pass apart. It holds the model and `call_fn` weakly (when it can): the cache
+    of passes must not keep models alive. The caller of `update_bn` holds `call_fn` while the
+    pass runs, and `_CachedPass.serves` checks it is alive before the pass is reused.
     """
 
-    def __init__(self, model, statistics, strategy, jit_compile):
+    def __init__(self, model, statistics, strategy, jit_compile, call_fn=None):
         self._model = weakref.ref(model)
+        self._custom = call_fn is not None
+        ref = _weak_call_fn(call_fn)
+        # No weak reference possible: held strongly, and this pass is never cached.
+        self._call_fn = (lambda: call_fn) if ref is None else ref
         self.statistics = statistics
         self.strategy = strategy
         self.distributed = strategy.num_replicas_in_sync > 1
@@ -323,7 +400,13 @@ class _ForwardPass:
         return self.compiled[key](x, count, state)
 
     def _replica_step(self, x, count, state):
-        self._model()(x, training=True)
+        if not self._custom:
+            self._model()(x, training=True)
+        else:
+            call_fn = self._call_fn()
+            if call_fn is None:  # never reused once it is gone (`_CachedPass.serves`)
+                raise RuntimeError("The `call_fn` of this `update_bn` pass no longer exists.")
+            call_fn(self._model(), x)
         # Automatic control dependencies order these reads after the layers' own assignments.
         # In a replica context they read this replica's own copy of the statistics.
         values = [tf.convert_to_tensor(var) for var in self.statistics]

@@ -25,6 +25,7 @@ TF_USE_LEGACY_KERAS=1 pytest tests --ignore=tests/test_benchmarks_smoke.py \
   --ignore=tests/test_multi_worker_resume.py --ignore=tests/test_presets.py "$@"
 echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # The files that cover what runs on JAX today: AveragedWeights (against numpy), the schedules,
-# and the refusal of every entry point not ported yet (docs/backends.md).
+# average_checkpoints of Keras weights files, and the refusal of every entry point not ported
+# yet (docs/backends.md).
 KERAS_BACKEND=jax pytest tests/test_averaged_weights_jax.py tests/test_backends.py \
-  tests/test_schedules.py "$@"
+  tests/test_schedules.py tests/test_average_checkpoints.py "$@"

@@ -15,7 +15,7 @@ from keras_swa.backend import keras
 
 # Entry points that run on JAX (the rest must refuse it). Written out by hand, not read from
 # keras_swa, so that a change of what is supported must change this test too.
-JAX_SUPPORTED = {"AveragedWeights", "schedules"}
+JAX_SUPPORTED = {"AveragedWeights", "average_checkpoints", "schedules"}
 
 
 def _model():
@@ -48,6 +48,11 @@ def _make(name, tmp_path):
         return keras_swa.SwapAveragedWeights(_FakeSWA())
     if name == "update_bn":
         return keras_swa.update_bn(_bn_model(), x, verbose=0)
+    if name == "average_checkpoints":
+        model = _model()
+        path = str(tmp_path / "model.weights.h5")
+        model.save_weights(path)
+        return keras_swa.average_checkpoints(model, [path])
     if name == "export_saved_model":
         return keras_swa.export_saved_model(_model(), str(tmp_path / "exported"))
     if name == "schedules":
@@ -62,6 +67,7 @@ ENTRY_POINTS = [
     "FGE",
     "SwapAveragedWeights",
     "update_bn",
+    "average_checkpoints",
     "export_saved_model",
     "schedules",
 ]

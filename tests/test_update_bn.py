@@ -637,3 +637,135 @@ def test_the_reused_pass_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------------------------ call_fn: a custom forward pass
+
+
+def _scaled_half(model, x):
+    """Feeds the model a transformed selection of a dict input: `0.5 * x["main"] + 1`."""
+    return model(x["main"] * 0.5 + 1.0, training=True)
+
+
+def _dict_data(n, seed):
+    rng = np.random.default_rng(seed)
+    # "extra" is ignored by `_scaled_half`: the default pass could not run on this data.
+    return {"main": _data(n, seed=seed), "extra": rng.normal(size=(n, 2)).astype("float32")}
+
+
+def test_call_fn_statistics_are_those_of_what_it_feeds_the_bn_layers():
+    model = _two_bn_mlp()
+    data = _dict_data(50, seed=21)  # batches of 16, 16, 16 and 2
+    assert update_bn(model, data, batch_size=16, verbose=0, call_fn=_scaled_half) == 50
+    fed = _f64(data["main"]) * 0.5 + 1.0  # what the custom call gives the model, in numpy
+    expected1, expected2 = _two_bn_expected(model, fed, 16)
+    _assert_stats(model.get_layer("bn1"), expected1)
+    _assert_stats(model.get_layer("bn2"), expected2)
+    # ... and not the statistics of the untransformed inputs.
+    assert not np.allclose(_stats(model.get_layer("bn1"))[0], _two_bn_expected(
+        model, _f64(data["main"]), 16)[0][0], rtol=1e-2)
+
+
+def test_call_fn_and_default_pass_never_share_a_cached_pass():
+    model = _two_bn_mlp()
+    x = _data(32, seed=22)
+    bn1 = model.get_layer("bn1")
+    d1 = model.get_layer("d1")
+
+    def expected_mean(inputs):
+        return np.mean([_dense(b, d1).mean(0) for b in _batches(inputs, 16)], axis=0)
+
+    update_bn(model, x, batch_size=16, verbose=0)  # default pass first: cached for the model
+    np.testing.assert_allclose(_stats(bn1)[0], expected_mean(_f64(x)), rtol=RTOL, atol=ATOL)
+    double = lambda m, b: m(b * 2.0, training=True)  # noqa: E731
+    update_bn(model, x, batch_size=16, verbose=0, call_fn=double)
+    np.testing.assert_allclose(_stats(bn1)[0], expected_mean(_f64(x) * 2), rtol=RTOL, atol=ATOL)
+    # Another call_fn on the same model is not served by the first one's pass.
+    triple = lambda m, b: m(b * 3.0, training=True)  # noqa: E731
+    update_bn(model, x, batch_size=16, verbose=0, call_fn=triple)
+    np.testing.assert_allclose(_stats(bn1)[0], expected_mean(_f64(x) * 3), rtol=RTOL, atol=ATOL)
+    # The default path afterwards is unchanged.
+    update_bn(model, x, batch_size=16, verbose=0)
+    np.testing.assert_allclose(_stats(bn1)[0], expected_mean(_f64(x)), rtol=RTOL, atol=ATOL)
+    _assert_stats(model.get_layer("bn2"), _two_bn_expected(model, x, 16)[1])
+
+
+def test_the_same_call_fn_is_traced_once():
+    counter = _TraceCounter()
+    model = keras.Sequential([keras.Input((8,)), L.Dense(4), counter, L.BatchNormalization()])
+    update_bn(model, _data(32), batch_size=8, verbose=0, call_fn=_scaled_half_plain)
+    counter.calls = 0
+    update_bn(model, _data(32, seed=3), batch_size=8, verbose=0, call_fn=_scaled_half_plain)
+    assert counter.calls == 0
+    # A bound method is a new object at each access, equal to the last: reused as well.
+    caller = _Caller(0.5)
+    update_bn(model, _data(32), batch_size=8, verbose=0, call_fn=caller.forward)
+    counter.calls = 0
+    update_bn(model, _data(32), batch_size=8, verbose=0, call_fn=caller.forward)
+    assert counter.calls == 0
+
+
+def _scaled_half_plain(model, x):
+    return model(x * 0.5, training=True)
+
+
+class _Caller:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def forward(self, model, x):
+        return model(x * self.scale, training=True)
+
+
+def test_call_fn_that_fails_leaves_everything_as_it_was():
+    model = _two_bn_mlp()
+    for layer in (model.get_layer("bn1"), model.get_layer("bn2")):
+        _set_stats(layer, seed=23)
+    before = [_np(v) for v in model.weights]
+    momenta = [model.get_layer(n).momentum for n in ("bn1", "bn2")]
+
+    def broken(m, x):
+        m(x, training=True)
+        raise KeyError("no such input")
+
+    # The error comes out as tf.function's tracing gives it (the type depends on autograph).
+    with pytest.raises(Exception, match="no such input"):
+        update_bn(model, _data(32), batch_size=16, verbose=0, call_fn=broken)
+    for value, var in zip(before, model.weights):
+        np.testing.assert_array_equal(_np(var), value)
+    assert [model.get_layer(n).momentum for n in ("bn1", "bn2")] == momenta
+
+
+@pytest.mark.parametrize("call_fn", [3, "model", [_scaled_half]])
+def test_call_fn_must_be_callable(call_fn):
+    with pytest.raises(ValueError, match=r"Received: call_fn="):
+        update_bn(_two_bn_mlp(), _data(8), verbose=0, call_fn=call_fn)
+
+
+def test_call_fn_under_mirrored_strategy_gets_each_replicas_share():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _two_bn_mlp()
+    data = _dict_data(32, seed=24)
+    with strategy.scope():
+        assert update_bn(model, data, batch_size=16, verbose=0, call_fn=_scaled_half) == 32
+    fed = _f64(data["main"]) * 0.5 + 1.0
+    expected1, expected2 = _two_bn_expected(model, fed, 8)  # each replica's 8 of 16
+    _assert_stats(model.get_layer("bn1"), expected1)
+    _assert_stats(model.get_layer("bn2"), expected2)
+
+
+def test_a_call_fn_closing_over_the_model_does_not_keep_it_alive():
+    import gc
+    import weakref
+
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.BatchNormalization()])
+
+    def call_fn(m, x):
+        return model(x, training=True)  # the closure holds the model
+
+    update_bn(model, np.ones((8, 3), "float32"), batch_size=4, verbose=0, call_fn=call_fn)
+    ref = weakref.ref(model)
+    del model, call_fn
+    gc.collect()
+    assert ref() is None
