@@ -11,11 +11,11 @@ error when the entry point is constructed or called: an entry point that has not
 a backend must never compute there (a half-working update would give wrong averages silently).
 """
 
+import logging
 import os
 import sys
 
 import tensorflow as tf
-from absl import logging as absl_logging
 
 __all__ = [
     "IS_KERAS_3",
@@ -152,7 +152,9 @@ def print_msg(message):
         sys.stdout.write(f"{message}\n")
         sys.stdout.flush()
     else:
-        absl_logging.info(message.lstrip("\n"))
+        # absl's logger, reached through the standard library: `absl.logging.info` logs to
+        # this same logger, and keras_swa does not depend on absl-py itself.
+        logging.getLogger("absl").info(message.lstrip("\n"))
 
 
 def iter_layers(model):

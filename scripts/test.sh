@@ -11,15 +11,20 @@ fi
 # `pytest` (not `python -m pytest`) keeps the source tree off sys.path: the tests import the
 # installed wheel, and conftest.py checks that they do.
 export KERAS_SWA_TEST_INSTALLED=1
+# Two pytest workers, one test file at a time each (`--dist loadfile`, so a file's module-scoped
+# fixtures, such as its MirroredStrategy, stay in one process): most tests drive small models
+# whose Python overhead keeps one core busy, so two workers use both cores. KERAS_SWA_TEST_WORKERS=0
+# runs everything in this process.
+XDIST=(-n "${KERAS_SWA_TEST_WORKERS:-2}" --dist loadfile)
 echo "== keras_swa tests with Keras 3"
-pytest tests "$@"
+pytest "${XDIST[@]}" tests "$@"
 echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
 # Run once, with Keras 3, to keep CI within its budget: the benchmark smoke tests, the
 # accuracy benchmark's screen and forked runs (the benchmarks measure Keras 3; the
 # multi-worker benchmark's workers use tf_keras there anyway)
 # and the multi-worker tests, whose worker processes choose their Keras version themselves
 # (tf_keras for fit, Keras 3 for the custom loop) whatever the parent process uses.
-TF_USE_LEGACY_KERAS=1 pytest tests --ignore=tests/test_benchmarks_smoke.py \
+TF_USE_LEGACY_KERAS=1 pytest "${XDIST[@]}" tests --ignore=tests/test_benchmarks_smoke.py \
   --ignore=tests/test_fork.py --ignore=tests/test_screening.py \
   --ignore=tests/test_accuracy_benchmark.py --ignore=tests/test_multi_worker.py \
   --ignore=tests/test_multi_worker_resume.py --ignore=tests/test_presets.py "$@"
@@ -27,5 +32,5 @@ echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # The files that cover what runs on JAX today: AveragedWeights (against numpy), the schedules,
 # average_checkpoints of Keras weights files, and the refusal of every entry point not ported
 # yet (docs/backends.md).
-KERAS_BACKEND=jax pytest tests/test_averaged_weights_jax.py tests/test_backends.py \
+KERAS_BACKEND=jax pytest "${XDIST[@]}" tests/test_averaged_weights_jax.py tests/test_backends.py \
   tests/test_schedules.py tests/test_average_checkpoints.py "$@"
