@@ -19,7 +19,7 @@ import warnings
 import tensorflow as tf
 
 from keras_swa import averaging, backend, distribution, finite_check, packing
-from keras_swa.backend import keras
+from keras_swa.backend import keras, ops
 
 __all__ = ["AveragedWeights"]
 
@@ -115,10 +115,17 @@ class AveragedWeights(tf.Module):
         decay=None,
         include_non_trainable=False,
         nonfinite="raise",
+        dynamic_decay=False,
+        warmup_power=None,
+        warmup_gamma=1.0,
+        avg_fn=None,
+        multi_avg_fn=None,
         name="averaged_weights",
     ):
         backend.require_backend("AveragedWeights")
         super().__init__(name=name)
+        self._check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
+                         multi_avg_fn)
         if mode not in _MODES:
             raise ValueError(
                 f"`mode` must be one of {_MODES}. Received: mode={mode!r}"
@@ -142,6 +149,11 @@ class AveragedWeights(tf.Module):
         self._nonfinite = nonfinite
         self._mode = mode
         self._decay = decay
+        self._dynamic_decay = bool(dynamic_decay)
+        self._warmup_power = None if warmup_power is None else float(warmup_power)
+        self._warmup_gamma = float(warmup_gamma)
+        self._avg_fn = avg_fn
+        self._multi_avg_fn = multi_avg_fn
         self._include_non_trainable = bool(include_non_trainable)
 
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
@@ -154,13 +166,15 @@ class AveragedWeights(tf.Module):
 
             model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
             self._jax = jax_backend.Averages(
-                variables, mode, decay, check=nonfinite != "ignore", model=model
+                variables, self._rule(), check=nonfinite != "ignore", model=model
             )
             return
         self._strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
-        self._layout = packing.Layout([v.shape for v in variables], self._pack_below)
+        # A custom `avg_fn` may not be elementwise: it gets one average per variable.
+        pack_below = 0 if self._custom_rule else self._pack_below
+        self._layout = packing.Layout([v.shape for v in variables], pack_below)
         layout = self._layout
         with self._strategy.scope():
             # The checkpointed state: an average per large variable, one flat average of the
@@ -189,6 +203,115 @@ class AveragedWeights(tf.Module):
         self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
+
+    @staticmethod
+    def _check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
+                    multi_avg_fn):
+        """Validates the arguments that choose the averaging rule (beyond `mode`/`decay`)."""
+        if not isinstance(dynamic_decay, bool):
+            raise ValueError(
+                f"`dynamic_decay` must be a bool. Received: dynamic_decay={dynamic_decay!r}"
+            )
+        if warmup_power is not None and (
+            isinstance(warmup_power, bool)
+            or not isinstance(warmup_power, (int, float))
+            or not warmup_power > 0
+        ):
+            raise ValueError(
+                "`warmup_power` must be a positive float or None. "
+                f"Received: warmup_power={warmup_power!r}"
+            )
+        if (
+            isinstance(warmup_gamma, bool)
+            or not isinstance(warmup_gamma, (int, float))
+            or not warmup_gamma > 0
+        ):
+            raise ValueError(
+                f"`warmup_gamma` must be a positive float. Received: warmup_gamma={warmup_gamma!r}"
+            )
+        if warmup_gamma != 1.0 and warmup_power is None:
+            raise ValueError(
+                "`warmup_gamma` is only used with `warmup_power`. "
+                f"Received: warmup_gamma={warmup_gamma!r}, warmup_power=None"
+            )
+        if (dynamic_decay or warmup_power is not None) and mode != "ema":
+            raise ValueError(
+                "`dynamic_decay` and `warmup_power` only apply to `mode='ema'`. "
+                f"Received: mode={mode!r}, dynamic_decay={dynamic_decay!r}, "
+                f"warmup_power={warmup_power!r}"
+            )
+        if dynamic_decay and warmup_power is not None:
+            raise ValueError(
+                "Pass either `dynamic_decay=True` (tensorflow-addons' warm-up) or "
+                "`warmup_power` (timm's), not both. "
+                f"Received: dynamic_decay=True, warmup_power={warmup_power!r}"
+            )
+        for arg, fn in (("avg_fn", avg_fn), ("multi_avg_fn", multi_avg_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{arg}` must be a callable or None. Received: {arg}={fn!r}")
+        if avg_fn is not None and multi_avg_fn is not None:
+            raise ValueError(
+                "Pass either `avg_fn` or `multi_avg_fn`, not both. "
+                f"Received: avg_fn={avg_fn!r}, multi_avg_fn={multi_avg_fn!r}"
+            )
+        if (avg_fn is not None or multi_avg_fn is not None) and (
+            mode != "swa" or decay is not None
+        ):
+            raise ValueError(
+                "A custom `avg_fn`/`multi_avg_fn` replaces the built-in averaging rule: leave "
+                "`mode='swa'` and `decay=None`. "
+                f"Received: mode={mode!r}, decay={decay!r}"
+            )
+
+    @property
+    def _custom_rule(self):
+        return self._avg_fn is not None or self._multi_avg_fn is not None
+
+    def _rule(self):
+        """The averaging rule, `(averages, values, n) -> new averages` on lists of fp32 tensors.
+
+        Pure, written on `keras_swa.backend.ops` and the user's functions: the backends compile
+        it (`tf.function(jit_compile=True)`, `jax.jit`) with `n` a scalar tensor, so the decay
+        of a dynamic EMA is computed inside the compiled update.
+        """
+        mode, decay = self._mode, self._decay
+        dynamic, power, gamma = self._dynamic_decay, self._warmup_power, self._warmup_gamma
+        avg_fn, multi_avg_fn = self._avg_fn, self._multi_avg_fn
+
+        def custom(averages, values, n):
+            values = [ops.cast(v, "float32") for v in values]
+            if multi_avg_fn is not None:
+                new = multi_avg_fn(list(averages), list(values), n)
+                name = "multi_avg_fn"
+                if not isinstance(new, (list, tuple)) or len(new) != len(averages):
+                    raise ValueError(
+                        f"`multi_avg_fn` must return a list of {len(averages)} tensors, one per "
+                        f"average. Received: {type(new).__name__} {new!r:.200}"
+                    )
+            else:
+                new = [avg_fn(a, v, n) for a, v in zip(averages, values)]
+                name = "avg_fn"
+            out = []
+            first = ops.equal(n, 0)
+            for i, (average, value, result) in enumerate(zip(averages, values, new)):
+                result = ops.cast(ops.convert_to_tensor(result), "float32")
+                if tuple(result.shape) != tuple(average.shape):
+                    raise ValueError(
+                        f"`{name}` must return averages of the averages' shapes: average {i} "
+                        f"has shape {tuple(average.shape)}, `{name}` returned shape "
+                        f"{tuple(result.shape)}."
+                    )
+                # As torch's `AveragedModel`: the first update copies the weights.
+                out.append(ops.where(first, value, result))
+            return out
+
+        def builtin(averages, values, n):
+            if mode == "swa":
+                return [averaging.swa_update(a, v, n) for a, v in zip(averages, values)]
+            d = averaging.ema_decay(decay, n, dynamic, power, gamma)
+            return [averaging.ema_update(a, v, d, n) for a, v in zip(averages, values)]
+
+        return custom if self._custom_rule else builtin
 
     @staticmethod
     def _collect_variables(model_or_variables, include_non_trainable):
@@ -272,19 +395,17 @@ class AveragedWeights(tf.Module):
 
     def _make_update(self, storage, variables, n_averaged):
         """The compiled update of one device's `storage` (see `_storage`) from `variables`."""
-        mode, decay, layout = self._mode, self._decay, self._layout
+        rule, layout = self._rule(), self._layout
         storage, variables = list(storage), list(variables)
 
         def update_all():
             n = n_averaged.read_value()
-            pairs = [(average, variables[i]) for average, i in zip(storage, layout.own)]
+            values = [variables[i] for i in layout.own]
             if layout.packed:
-                pairs.append((storage[-1], layout.pack(variables)))
-            for average, value in pairs:
-                if mode == "swa":
-                    average.assign(averaging.swa_update(average, value, n))
-                else:
-                    average.assign(averaging.ema_update(average, value, decay, n))
+                values.append(layout.pack(variables))
+            new = rule([average.read_value() for average in storage], values, n)
+            for average, value in zip(storage, new):
+                average.assign(value)
             n_averaged.assign_add(1)
             return tf.constant(True)
 

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_swa import averaging
 from keras_swa.backend import keras
 
 __all__ = ["Averages", "copy_as", "count_dtype", "sync"]
@@ -82,17 +81,17 @@ class Averages:
 
     Args:
         variables: the tracked `keras.Variable`s (floating point).
-        mode: `"swa"` or `"ema"`.
-        decay: the EMA decay (`mode="ema"`), else `None`.
+        rule: the averaging rule, `(averages, values, n) -> new averages` on lists of float32
+            arrays (`AveragedWeights._rule`: SWA, EMA with its decay schedule, or the user's
+            `avg_fn`), traced into the one compiled update with `n` the count as a scalar.
         check: run the NaN/Inf test before folding a capture in.
         model: the model the variables belong to, if any: synced (`sync`) before each read.
     """
 
-    def __init__(self, variables, mode, decay, check, model=None):
+    def __init__(self, variables, rule, check, model=None):
         self._variables = list(variables)
         self.model = model
-        self._mode = mode
-        self._decay = decay
+        self._rule = rule
         self._check = bool(check)
         self.averages = [
             keras.Variable(
@@ -122,13 +121,8 @@ class Averages:
                 lambda: jnp.asarray(True),
                 lambda: jnp.all(_finite_flags(values)),
             )
-        new = []
-        for average, value in zip(averages, values):
-            if self._mode == "swa":
-                updated = averaging.swa_update(average, value, n)
-            else:
-                updated = averaging.ema_update(average, value, self._decay, n)
-            new.append(jnp.where(ok, updated, average))
+        updated = self._rule(list(averages), list(values), n)
+        new = [jnp.where(ok, u, average) for u, average in zip(updated, averages)]
         return new, jnp.where(ok, n + 1, n), ok
 
     def update(self):
