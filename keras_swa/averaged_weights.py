@@ -84,6 +84,31 @@ class AveragedWeights(tf.Module):
             (not counted, with a warning), or `"ignore"` the check (saves one read of the
             weights per update). The averages are never poisoned unless `"ignore"`.
             Defaults to `"raise"`.
+        dynamic_decay: with `mode="ema"`, warm the decay up as tensorflow-addons'
+            `MovingAverage(dynamic_decay=True)` and TF Model Garden's EMA do: the update after
+            `n` earlier ones (`n = n_averaged` before it: 0 for the first) uses
+            `min(decay, (1 + n) / (10 + n))`. Computed from the count inside the compiled
+            update. Defaults to `False`.
+        warmup_power: with `mode="ema"`, timm's warm-up instead: the decay is
+            `min(decay, 1 - (1 + n / warmup_gamma) ** -warmup_power)`, same `n`. A positive
+            float (timm suggests 2/3, or 3/4 for short runs), or `None` for no warm-up.
+            Defaults to `None`.
+        warmup_gamma: timm's `gamma`, the time scale of that warm-up in updates; only with
+            `warmup_power`. Defaults to 1.0.
+        avg_fn: a custom averaging rule, as torch's `AveragedModel(avg_fn=...)`:
+            `avg_fn(average, value, n_averaged) -> new_average`, called per tracked variable
+            with the fp32 average, the weight cast to fp32 and the count before this update as
+            a scalar integer tensor (int64 on TensorFlow, int32 on JAX without x64). Write it
+            with `keras.ops` (or TensorFlow ops on TensorFlow, `jax.numpy` on JAX): it is traced
+            once into the one compiled update. It replaces the built-in rule, so `mode` must
+            stay `"swa"` and `decay` `None`. As in torch, the first update copies the weights
+            (`avg_fn` is used from the second). Averages of small variables are not packed
+            into one flat buffer when a custom rule is given (it may not be elementwise): each
+            variable has an average of its own. Defaults to `None`.
+        multi_avg_fn: the list form, as torch's `multi_avg_fn`:
+            `multi_avg_fn(averages, values, n_averaged) -> new_averages` on lists in the order
+            of `tracked_variables` (it returns the new list; nothing is updated in place).
+            Same rules as `avg_fn`, which it excludes. Defaults to `None`.
         name: name of the module. Defaults to `"averaged_weights"`.
 
     Example:
@@ -102,6 +127,11 @@ class AveragedWeights(tf.Module):
     >>> with averaged.swap():         # averages in the model, originals back on exit
     ...     _ = model(tf.ones((1, 3)))
     >>> averaged.assign_to(model)     # or keep the averages in the model
+
+    An EMA whose decay warms up (tensorflow-addons' `dynamic_decay`), and a custom rule:
+
+    >>> ema = AveragedWeights(model, mode="ema", decay=0.999, dynamic_decay=True)
+    >>> peak = AveragedWeights(model, avg_fn=lambda avg, w, n: tf.maximum(avg, w))
     """
 
     # Variables with fewer floats than this share one flat average (`keras_swa.packing`);
@@ -362,6 +392,11 @@ class AveragedWeights(tf.Module):
     def decay(self):
         """The EMA decay, or `None` in "swa" mode."""
         return self._decay
+
+    @property
+    def dynamic_decay(self):
+        """Whether the EMA decay warms up as `min(decay, (1 + n) / (10 + n))`."""
+        return self._dynamic_decay
 
     @property
     def tracked_variables(self):

@@ -289,3 +289,79 @@ def test_update_inside_a_batch_hook_syncs_the_model():
     for i, average in enumerate(averaged.averages):
         expected = np.mean([r[i] for r in recorded], axis=0)
         np.testing.assert_allclose(np.asarray(average), expected, rtol=1e-6, atol=1e-6)
+
+
+def _numpy_ema(snapshots, decay_of_n):
+    expected = snapshots[0]
+    for n, snap in enumerate(snapshots[1:], start=1):
+        d = decay_of_n(n)
+        expected = [d * e + (1 - d) * s for e, s in zip(expected, snap)]
+    return expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, decay_of_n",
+    [
+        ({"dynamic_decay": True}, lambda n: min(0.999, (1 + n) / (10 + n))),
+        ({"warmup_power": 0.75, "warmup_gamma": 2.0},
+         lambda n: min(0.999, 1 - (1 + n / 2.0) ** -0.75)),
+    ],
+)
+def test_ema_warmup_matches_numpy_and_traces_once(kwargs, decay_of_n):
+    model = _model()
+    averaged = AveragedWeights(model, mode="ema", decay=0.999, **kwargs)
+    rng = np.random.default_rng(10)
+    recorded = []
+    for _ in range(7):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    for average, e in zip(averaged.averages, _numpy_ema(recorded, decay_of_n)):
+        np.testing.assert_allclose(np.asarray(average), e, rtol=1e-5, atol=1e-5)
+    assert averaged._jax.traces == 1
+
+
+@pytest.mark.parametrize("how", ["avg_fn", "multi_avg_fn"])
+def test_custom_avg_fn_matches_numpy_and_traces_once(how):
+    ops = keras.ops
+    seen_n = []
+
+    def late_heavy(average, value, n_averaged):
+        seen_n.append(n_averaged)
+        return average + (value - average) * (2.0 / (ops.cast(n_averaged, "float32") + 2.0))
+
+    def multi(averages, values, n_averaged):
+        return [late_heavy(a, v, n_averaged) for a, v in zip(averages, values)]
+
+    model = _model()
+    kwargs = {"avg_fn": late_heavy} if how == "avg_fn" else {"multi_avg_fn": multi}
+    averaged = AveragedWeights(model, **kwargs)
+    rng = np.random.default_rng(11)
+    recorded = []
+    for _ in range(6):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    expected = recorded[0]
+    for n, snap in enumerate(recorded[1:], start=1):
+        expected = [e + (s - e) * (2.0 / (n + 2.0)) for e, s in zip(expected, snap)]
+    for average, e in zip(averaged.averages, expected):
+        np.testing.assert_allclose(np.asarray(average), e, rtol=1e-5, atol=1e-5)
+    assert averaged._jax.traces == 1
+    assert len(seen_n) == len(model.trainable_variables)
+    assert all(np.shape(n) == () for n in seen_n)
+
+
+def test_running_max_avg_fn():
+    model = _model()
+    averaged = AveragedWeights(model, avg_fn=lambda a, v, n: keras.ops.maximum(a, v))
+    rng = np.random.default_rng(12)
+    recorded = []
+    for _ in range(5):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    for i, average in enumerate(averaged.averages):
+        np.testing.assert_allclose(
+            np.asarray(average), np.max([r[i] for r in recorded], axis=0), rtol=1e-7
+        )
