@@ -14,11 +14,14 @@ UAI 2018, arXiv 1803.05407.
 
 import contextlib
 import functools
+import json
 import warnings
+
+import numpy as np
 
 import tensorflow as tf
 
-from keras_swa import averaging, backend, distribution, finite_check, packing
+from keras_swa import averaging, backend, distribution, finite_check, packing, weights_file
 from keras_swa.backend import keras, ops
 
 __all__ = ["AveragedWeights"]
@@ -680,3 +683,165 @@ class AveragedWeights(tf.Module):
             yield self
         finally:
             self._assign(targets, backup)
+
+    # ------------------------------------------------------------------ Keras-style saving
+
+    # The store holds the averages and the count; a subclass with more state (`SWAG`) must
+    # save it too before it may use the methods below.
+    _store_holds_all_state = True
+
+    def _fingerprint(self):
+        if self._multi_avg_fn is not None:
+            rule = "multi_avg_fn"
+        elif self._avg_fn is not None:
+            rule = "avg_fn"
+        else:
+            rule = self._mode
+        shapes = [[int(d) for d in v.shape] for v in self._source.variables]
+        return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
+
+    def _check_store_support(self, method):
+        if type(self) is not AveragedWeights and not type(self)._store_holds_all_state:
+            raise NotImplementedError(
+                f"`{type(self).__name__}.{method}` would save only the averages of its state: "
+                "use `tf.train.Checkpoint`, which saves all of it."
+            )
+
+    def save_own_variables(self, store):
+        """Saves the averages and `n_averaged` into `store`, as Keras 3 layers do.
+
+        `store` is dict-like with string keys (Keras' own H5 store, or a plain `dict`). It gets
+        `"0"`, `"1"`, ... the fp32 average of each tracked variable, in the order of
+        `tracked_variables`; `"n_averaged"`, the count (int64); and `"fingerprint"`, the
+        averaging rule and the shapes of the tracked variables as UTF-8 JSON bytes, which
+        `load_own_variables` checks.
+
+        Args:
+            store: a dict-like, written with `store[key] = numpy_array`.
+        """
+        self._check_store_support("save_own_variables")
+        if self._jax is not None:
+            self._jax.sync()
+        fingerprint = json.dumps(self._fingerprint()).encode("utf-8")
+        store["fingerprint"] = np.frombuffer(fingerprint, np.uint8)
+        store["n_averaged"] = np.asarray(int(self.n_averaged.numpy()), np.int64)
+        for i, average in enumerate(self.averages):
+            store[str(i)] = np.asarray(average, np.float32)
+
+    def load_own_variables(self, store):
+        """Restores the averages and `n_averaged` saved by `save_own_variables`.
+
+        Everything is read and checked before anything is written: a store saved from other
+        variables (another count or shape), or by another averaging rule (`mode`, `avg_fn`),
+        raises a `ValueError` that names the difference, and leaves this object as it was.
+
+        Args:
+            store: a dict-like with the keys `save_own_variables` writes.
+        """
+        self._check_store_support("load_own_variables")
+
+        def get(key):
+            try:
+                return np.asarray(store[key])
+            except KeyError:
+                raise ValueError(
+                    f"The store holds no {key!r} entry: it was not saved by "
+                    "`AveragedWeights.save_own_variables`."
+                ) from None
+
+        try:
+            saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("The store's 'fingerprint' entry is not readable.") from None
+        mine = self._fingerprint()
+        if saved.get("format") != mine["format"]:
+            raise ValueError(
+                "The store was not saved by `AveragedWeights.save_own_variables`. "
+                f"Received: format={saved.get('format')!r}"
+            )
+        if saved["rule"] != mine["rule"]:
+            raise ValueError(
+                f"The saved averages were made by the {saved['rule']!r} rule, this "
+                f"AveragedWeights uses {mine['rule']!r}: `mode`, `avg_fn` and `multi_avg_fn` "
+                f"must match. Received: rule={saved['rule']!r}"
+            )
+        if len(saved["shapes"]) != len(mine["shapes"]):
+            raise ValueError(
+                f"The saved averages are of {len(saved['shapes'])} variables, this "
+                f"AveragedWeights tracks {len(mine['shapes'])}. "
+                f"Received: {len(saved['shapes'])} saved averages"
+            )
+        values = []
+        for i, (shape, variable) in enumerate(zip(mine["shapes"], self._source.variables)):
+            value = get(str(i))
+            if list(value.shape) != shape or saved["shapes"][i] != shape:
+                raise ValueError(
+                    f"Variable {i} ({_variable_name(variable)!r}) has shape {tuple(shape)} "
+                    f"but its saved average has shape {tuple(value.shape)}. "
+                    f"Received: saved shapes={saved['shapes']}"
+                )
+            values.append(value.astype(np.float32))
+        count = get("n_averaged")
+        # The largest count this backend holds (JAX without x64: int32).
+        limit = np.iinfo(np.int64).max if self._jax is None else self._jax.count_limit
+        if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
+            0 <= int(count) <= limit
+        ):
+            raise ValueError(
+                f"`n_averaged` must be an integer in [0, {limit}]. Received: n_averaged={count!r}"
+            )
+        self._restore(values, int(count))
+
+    def _restore(self, values, count):
+        """Writes checked averages (fp32 NumPy arrays, tracked order) and the count."""
+        if self._jax is not None:
+            for average, value in zip(self._jax.averages, values):
+                average.assign(value)
+            self._jax.count.assign(np.asarray(count, self._jax.count.dtype))
+            return
+        layout = self._layout
+        for average, i in zip(self._own_averages, layout.own):
+            average.assign(values[i])
+        if self._packed_averages is not None:
+            self._packed_averages.assign(layout.pack(values))
+        self._count.assign(count)
+
+    def save_weights(self, filepath):
+        """Saves the averages and `n_averaged` to a `.weights.h5` file (HDF5), atomically.
+
+        The file holds what `save_own_variables` writes, one dataset per key. It is written
+        under a temporary name in the same folder and then renamed over `filepath`, so an
+        interrupted save never leaves a half-written file. Needs h5py (installed with Keras 3).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+
+        Example:
+
+        >>> import os, tempfile
+        >>> from keras_swa.backend import keras
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> averaged = AveragedWeights(model)
+        >>> _ = averaged.update()
+        >>> path = os.path.join(tempfile.mkdtemp(), "swa.weights.h5")
+        >>> averaged.save_weights(path)
+        >>> restored = AveragedWeights(model)
+        >>> restored.load_weights(path)
+        >>> int(restored.n_averaged)
+        1
+        """
+        store = {}
+        self.save_own_variables(store)
+        weights_file.write(filepath, store)
+
+    def load_weights(self, filepath):
+        """Restores the averages and `n_averaged` from a file written by `save_weights`.
+
+        A file saved from other variables or by another averaging rule raises a `ValueError`
+        naming the difference, and this object is left as it was (see `load_own_variables`).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        self._check_store_support("load_weights")
+        self.load_own_variables(weights_file.read(filepath))

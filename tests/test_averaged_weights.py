@@ -593,3 +593,154 @@ def test_avg_fn_of_the_wrong_shape_raises():
     averaged = AveragedWeights(_model(), multi_avg_fn=lambda a, v, n: a[:1])
     with pytest.raises(ValueError, match="must return a list of 6 tensors"):
         averaged.update()
+
+
+# ---------------------------------------------------------------- save_weights / load_weights
+
+
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+@pytest.mark.parametrize(
+    "kwargs, numpy_rule",
+    [
+        ({}, "mean"),
+        ({"mode": "ema", "decay": 0.999, "dynamic_decay": True}, "dynamic"),
+    ],
+)
+def test_save_load_then_continue_matches_numpy(tmp_path, make_model, kwargs, numpy_rule):
+    model = make_model()
+    averaged = AveragedWeights(model, **kwargs)
+    rng = np.random.default_rng(11)
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]  # no temporary left
+
+    fresh = make_model()  # e.g. the restarted job: other initial weights
+    restored = AveragedWeights(fresh, **kwargs)
+    restored.load_weights(path)
+    assert int(restored.n_averaged.numpy()) == 3
+    for a, b in zip(averaged.averages, restored.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for _ in range(3):
+        _perturb(fresh.trainable_variables, rng)
+        recorded.append(_snapshot(fresh.trainable_variables))
+        restored.update()
+    if numpy_rule == "mean":
+        expected = [np.mean([r[i] for r in recorded], axis=0) for i in range(len(recorded[0]))]
+    else:
+        expected = _numpy_ema(recorded, lambda n: min(0.999, (1 + n) / (10 + n)))
+    for average, e in zip(restored.averages, expected):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_store_protocol_keys_and_round_trip():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(12)
+    _perturb(model.trainable_variables, rng)
+    averaged.update()
+    store = {}
+    averaged.save_own_variables(store)
+    n = len(model.trainable_variables)
+    assert sorted(store) == sorted([str(i) for i in range(n)] + ["n_averaged", "fingerprint"])
+    for i, v in enumerate(model.trainable_variables):
+        assert store[str(i)].dtype == np.float32
+        np.testing.assert_array_equal(store[str(i)], v.numpy())
+    assert int(store["n_averaged"]) == 1
+    restored = AveragedWeights(_model())
+    restored.load_own_variables(store)
+    for a, b in zip(averaged.averages, restored.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _state(averaged):
+    return [a.numpy().copy() for a in averaged.averages], int(averaged.n_averaged.numpy())
+
+
+def _assert_state(averaged, state):
+    averages, count = state
+    assert int(averaged.n_averaged.numpy()) == count
+    for a, b in zip(averages, averaged.averages):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize(
+    "make_target, message",
+    [
+        (lambda: AveragedWeights(
+            keras.Sequential([keras.Input((5,)), keras.layers.Dense(8),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(3)])),
+         r"Variable 0 .* has shape \(5, 8\) but its saved average has shape \(4, 8\)"),
+        (lambda: AveragedWeights(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+         "of 6 variables, this AveragedWeights tracks 2"),
+        (lambda: AveragedWeights(_model(), mode="ema", decay=0.9),
+         "made by the 'swa' rule, this AveragedWeights uses 'ema'"),
+        (lambda: AveragedWeights(_model(), avg_fn=_running_max),
+         "made by the 'swa' rule, this AveragedWeights uses 'avg_fn'"),
+    ],
+)
+def test_refused_load_names_the_difference_and_leaves_the_state(tmp_path, make_target, message):
+    model = _model()
+    source = AveragedWeights(model)
+    source.update()
+    path = str(tmp_path / "swa.weights.h5")
+    source.save_weights(path)
+    target = make_target()
+    for v in target.tracked_variables:
+        v.assign(v.numpy() + 1.0)
+    target.update()
+    before = _state(target)
+    with pytest.raises(ValueError, match=message):
+        target.load_weights(path)
+    _assert_state(target, before)
+
+
+def test_incomplete_store_is_refused_before_anything_is_written():
+    model = _wide_model()  # packed and own averages: a partial write would be visible
+    source = AveragedWeights(model)
+    source.update()
+    store = {}
+    source.save_own_variables(store)
+    target = AveragedWeights(_wide_model())
+    target.update()
+    before = _state(target)
+    del store[str(len(model.trainable_variables) - 1)]  # the last average is missing
+    with pytest.raises(ValueError, match="no '5' entry"):
+        target.load_own_variables(store)
+    _assert_state(target, before)
+    with pytest.raises(ValueError, match="no 'fingerprint' entry"):
+        target.load_own_variables({})
+    _assert_state(target, before)
+
+
+def test_save_weights_path_checks(tmp_path):
+    averaged = AveragedWeights(_model())
+    with pytest.raises(ValueError, match=r"must end in `.weights.h5`. Received: filepath="):
+        averaged.save_weights(str(tmp_path / "swa.h5"))
+    with pytest.raises(FileNotFoundError):
+        averaged.load_weights(str(tmp_path / "missing.weights.h5"))
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    model = _model()
+    averaged = AveragedWeights(model)
+    averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    old = path.read_bytes()
+    averaged.update()
+    original = averaged.save_own_variables
+
+    def broken(store):
+        original(store)
+        store["unwritable"] = object()  # h5py cannot store it: the write fails half-way
+
+    monkeypatch.setattr(averaged, "save_own_variables", broken)
+    with pytest.raises(TypeError):
+        averaged.save_weights(path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]

@@ -365,3 +365,54 @@ def test_running_max_avg_fn():
         np.testing.assert_allclose(
             np.asarray(average), np.max([r[i] for r in recorded], axis=0), rtol=1e-7
         )
+
+
+def test_save_load_then_continue_matches_numpy(tmp_path):
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(13)
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]
+    fresh = _model()
+    restored = AveragedWeights(fresh)
+    restored.load_weights(path)
+    assert int(restored.n_averaged.numpy()) == 3
+    for _ in range(3):
+        _perturb(fresh.trainable_variables, rng)
+        recorded.append(_snapshot(fresh.trainable_variables))
+        restored.update()
+    assert restored._jax.traces == 1
+    for i, average in enumerate(restored.averages):
+        expected = np.mean([r[i] for r in recorded], axis=0)
+        np.testing.assert_allclose(np.asarray(average), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_refused_load_leaves_the_state(tmp_path):
+    source = AveragedWeights(_model())
+    source.update()
+    path = str(tmp_path / "swa.weights.h5")
+    source.save_weights(path)
+    for target, message in [
+        (AveragedWeights(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+         "of 6 variables, this AveragedWeights tracks 2"),
+        (AveragedWeights(_model(), mode="ema", decay=0.9), "'swa' rule"),
+    ]:
+        target.update()
+        before = [np.asarray(a).copy() for a in target.averages]
+        with pytest.raises(ValueError, match=message):
+            target.load_weights(path)
+        assert int(target.n_averaged.numpy()) == 1
+        for b, a in zip(before, target.averages):
+            np.testing.assert_array_equal(b, np.asarray(a))
+    store = {}
+    source.save_own_variables(store)
+    store["n_averaged"] = np.asarray(2**40, np.int64)
+    if not jax.config.jax_enable_x64:  # an int32 count cannot hold it
+        with pytest.raises(ValueError, match="n_averaged=array"):
+            AveragedWeights(_model()).load_own_variables(store)

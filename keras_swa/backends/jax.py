@@ -103,7 +103,7 @@ class Averages:
             for i, v in enumerate(self._variables)
         ]
         self.count = keras.Variable(0, dtype=count_dtype(), trainable=False, name="n_averaged")
-        self._count_limit = int(np.iinfo(count_dtype()).max)
+        self.count_limit = int(np.iinfo(count_dtype()).max)
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0
         self._update = jax.jit(self._update_all, donate_argnums=(0, 1))
@@ -113,7 +113,7 @@ class Averages:
         """`(averages, count, values) -> (new averages, new count, folded in?)`, pure."""
         self.traces += 1
         n = count
-        ok = n < self._count_limit
+        ok = n < self.count_limit
         if self._check:
             # The exact test runs only when the fast one fails (NaN/Inf, or a sum overflowed).
             ok = ok & jax.lax.cond(
@@ -153,7 +153,7 @@ class Averages:
 
     def at_limit(self):
         """Whether the count has reached the largest value its dtype holds."""
-        return int(self.count.numpy()) >= self._count_limit
+        return int(self.count.numpy()) >= self.count_limit
 
     def values(self):
         """Copies of the averages, float32 `jax.Array`s in the order of the tracked variables."""
