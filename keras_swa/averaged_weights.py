@@ -6,7 +6,10 @@ into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the m
 NaN/Inf check of the capture run first in the same graph call (`keras_swa.finite_check`). The
 averages of small variables share one flat buffer (`keras_swa.packing`), so that the call runs
 one kernel for them instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
-`keras.callbacks.BackupAndRestore` carry the averages and the count.
+`keras.callbacks.BackupAndRestore` carry the averages and the count; `save_weights` /
+`load_weights` (and Keras' `save_own_variables` / `load_own_variables` store protocol) put them
+in a `.weights.h5` file (`keras_swa.weights_file`). The rule is SWA's mean, an EMA (with an
+optional warm-up of its decay), or the user's `avg_fn`, one pure function either way (`_rule`).
 
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
 UAI 2018, arXiv 1803.05407.
@@ -686,10 +689,6 @@ class AveragedWeights(tf.Module):
 
     # ------------------------------------------------------------------ Keras-style saving
 
-    # The store holds the averages and the count; a subclass with more state (`SWAG`) must
-    # save it too before it may use the methods below.
-    _store_holds_all_state = True
-
     def _fingerprint(self):
         if self._multi_avg_fn is not None:
             rule = "multi_avg_fn"
@@ -701,7 +700,11 @@ class AveragedWeights(tf.Module):
         return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
 
     def _check_store_support(self, method):
-        if type(self) is not AveragedWeights and not type(self)._store_holds_all_state:
+        # The store holds the averages and the count; a subclass with more state (`SWAG`)
+        # must save it too, and then set `_store_holds_all_state = True`, to use it.
+        if type(self) is not AveragedWeights and not getattr(
+            type(self), "_store_holds_all_state", False
+        ):
             raise NotImplementedError(
                 f"`{type(self).__name__}.{method}` would save only the averages of its state: "
                 "use `tf.train.Checkpoint`, which saves all of it."
