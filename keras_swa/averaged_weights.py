@@ -6,7 +6,10 @@ into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the m
 NaN/Inf check of the capture run first in the same graph call (`keras_swa.finite_check`). The
 averages of small variables share one flat buffer (`keras_swa.packing`), so that the call runs
 one kernel for them instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
-`keras.callbacks.BackupAndRestore` carry the averages and the count.
+`keras.callbacks.BackupAndRestore` carry the averages and the count; `save_weights` /
+`load_weights` (and Keras' `save_own_variables` / `load_own_variables` store protocol) put them
+in a `.weights.h5` file (`keras_swa.weights_file`). The rule is SWA's mean, an EMA (with an
+optional warm-up of its decay), or the user's `avg_fn`, one pure function either way (`_rule`).
 
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
 UAI 2018, arXiv 1803.05407.
@@ -14,12 +17,15 @@ UAI 2018, arXiv 1803.05407.
 
 import contextlib
 import functools
+import json
 import warnings
+
+import numpy as np
 
 import tensorflow as tf
 
-from keras_swa import averaging, backend, distribution, finite_check, packing
-from keras_swa.backend import keras
+from keras_swa import averaging, backend, distribution, finite_check, packing, weights_file
+from keras_swa.backend import keras, ops
 
 __all__ = ["AveragedWeights"]
 
@@ -84,6 +90,31 @@ class AveragedWeights(tf.Module):
             (not counted, with a warning), or `"ignore"` the check (saves one read of the
             weights per update). The averages are never poisoned unless `"ignore"`.
             Defaults to `"raise"`.
+        dynamic_decay: with `mode="ema"`, warm the decay up as tensorflow-addons'
+            `MovingAverage(dynamic_decay=True)` and TF Model Garden's EMA do: the update after
+            `n` earlier ones (`n = n_averaged` before it: 0 for the first) uses
+            `min(decay, (1 + n) / (10 + n))`. Computed from the count inside the compiled
+            update. Defaults to `False`.
+        warmup_power: with `mode="ema"`, timm's warm-up instead: the decay is
+            `min(decay, 1 - (1 + n / warmup_gamma) ** -warmup_power)`, same `n`. A positive
+            float (timm suggests 2/3, or 3/4 for short runs), or `None` for no warm-up.
+            Defaults to `None`.
+        warmup_gamma: timm's `gamma`, the time scale of that warm-up in updates; only with
+            `warmup_power`. Defaults to 1.0.
+        avg_fn: a custom averaging rule, as torch's `AveragedModel(avg_fn=...)`:
+            `avg_fn(average, value, n_averaged) -> new_average`, called per tracked variable
+            with the fp32 average, the weight cast to fp32 and the count before this update as
+            a scalar integer tensor (int64 on TensorFlow, int32 on JAX without x64). Write it
+            with `keras.ops` (or TensorFlow ops on TensorFlow, `jax.numpy` on JAX): it is traced
+            once into the one compiled update. It replaces the built-in rule, so `mode` must
+            stay `"swa"` and `decay` `None`. As in torch, the first update copies the weights
+            (`avg_fn` is used from the second). Averages of small variables are not packed
+            into one flat buffer when a custom rule is given (it may not be elementwise): each
+            variable has an average of its own. Defaults to `None`.
+        multi_avg_fn: the list form, as torch's `multi_avg_fn`:
+            `multi_avg_fn(averages, values, n_averaged) -> new_averages` on lists in the order
+            of `tracked_variables` (it returns the new list; nothing is updated in place).
+            Same rules as `avg_fn`, which it excludes. Defaults to `None`.
         name: name of the module. Defaults to `"averaged_weights"`.
 
     Example:
@@ -102,6 +133,11 @@ class AveragedWeights(tf.Module):
     >>> with averaged.swap():         # averages in the model, originals back on exit
     ...     _ = model(tf.ones((1, 3)))
     >>> averaged.assign_to(model)     # or keep the averages in the model
+
+    An EMA whose decay warms up (tensorflow-addons' `dynamic_decay`), and a custom rule:
+
+    >>> ema = AveragedWeights(model, mode="ema", decay=0.999, dynamic_decay=True)
+    >>> peak = AveragedWeights(model, avg_fn=lambda avg, w, n: tf.maximum(avg, w))
     """
 
     # Variables with fewer floats than this share one flat average (`keras_swa.packing`);
@@ -115,10 +151,17 @@ class AveragedWeights(tf.Module):
         decay=None,
         include_non_trainable=False,
         nonfinite="raise",
+        dynamic_decay=False,
+        warmup_power=None,
+        warmup_gamma=1.0,
+        avg_fn=None,
+        multi_avg_fn=None,
         name="averaged_weights",
     ):
         backend.require_backend("AveragedWeights")
         super().__init__(name=name)
+        self._check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
+                         multi_avg_fn)
         if mode not in _MODES:
             raise ValueError(
                 f"`mode` must be one of {_MODES}. Received: mode={mode!r}"
@@ -142,6 +185,11 @@ class AveragedWeights(tf.Module):
         self._nonfinite = nonfinite
         self._mode = mode
         self._decay = decay
+        self._dynamic_decay = bool(dynamic_decay)
+        self._warmup_power = None if warmup_power is None else float(warmup_power)
+        self._warmup_gamma = float(warmup_gamma)
+        self._avg_fn = avg_fn
+        self._multi_avg_fn = multi_avg_fn
         self._include_non_trainable = bool(include_non_trainable)
 
         variables = self._collect_variables(model_or_variables, self._include_non_trainable)
@@ -154,13 +202,15 @@ class AveragedWeights(tf.Module):
 
             model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
             self._jax = jax_backend.Averages(
-                variables, mode, decay, check=nonfinite != "ignore", model=model
+                variables, self._rule(), check=nonfinite != "ignore", model=model
             )
             return
         self._strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
-        self._layout = packing.Layout([v.shape for v in variables], self._pack_below)
+        # A custom `avg_fn` may not be elementwise: it gets one average per variable.
+        pack_below = 0 if self._custom_rule else self._pack_below
+        self._layout = packing.Layout([v.shape for v in variables], pack_below)
         layout = self._layout
         with self._strategy.scope():
             # The checkpointed state: an average per large variable, one flat average of the
@@ -189,6 +239,115 @@ class AveragedWeights(tf.Module):
         self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
+
+    @staticmethod
+    def _check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
+                    multi_avg_fn):
+        """Validates the arguments that choose the averaging rule (beyond `mode`/`decay`)."""
+        if not isinstance(dynamic_decay, bool):
+            raise ValueError(
+                f"`dynamic_decay` must be a bool. Received: dynamic_decay={dynamic_decay!r}"
+            )
+        if warmup_power is not None and (
+            isinstance(warmup_power, bool)
+            or not isinstance(warmup_power, (int, float))
+            or not warmup_power > 0
+        ):
+            raise ValueError(
+                "`warmup_power` must be a positive float or None. "
+                f"Received: warmup_power={warmup_power!r}"
+            )
+        if (
+            isinstance(warmup_gamma, bool)
+            or not isinstance(warmup_gamma, (int, float))
+            or not warmup_gamma > 0
+        ):
+            raise ValueError(
+                f"`warmup_gamma` must be a positive float. Received: warmup_gamma={warmup_gamma!r}"
+            )
+        if warmup_gamma != 1.0 and warmup_power is None:
+            raise ValueError(
+                "`warmup_gamma` is only used with `warmup_power`. "
+                f"Received: warmup_gamma={warmup_gamma!r}, warmup_power=None"
+            )
+        if (dynamic_decay or warmup_power is not None) and mode != "ema":
+            raise ValueError(
+                "`dynamic_decay` and `warmup_power` only apply to `mode='ema'`. "
+                f"Received: mode={mode!r}, dynamic_decay={dynamic_decay!r}, "
+                f"warmup_power={warmup_power!r}"
+            )
+        if dynamic_decay and warmup_power is not None:
+            raise ValueError(
+                "Pass either `dynamic_decay=True` (tensorflow-addons' warm-up) or "
+                "`warmup_power` (timm's), not both. "
+                f"Received: dynamic_decay=True, warmup_power={warmup_power!r}"
+            )
+        for arg, fn in (("avg_fn", avg_fn), ("multi_avg_fn", multi_avg_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{arg}` must be a callable or None. Received: {arg}={fn!r}")
+        if avg_fn is not None and multi_avg_fn is not None:
+            raise ValueError(
+                "Pass either `avg_fn` or `multi_avg_fn`, not both. "
+                f"Received: avg_fn={avg_fn!r}, multi_avg_fn={multi_avg_fn!r}"
+            )
+        if (avg_fn is not None or multi_avg_fn is not None) and (
+            mode != "swa" or decay is not None
+        ):
+            raise ValueError(
+                "A custom `avg_fn`/`multi_avg_fn` replaces the built-in averaging rule: leave "
+                "`mode='swa'` and `decay=None`. "
+                f"Received: mode={mode!r}, decay={decay!r}"
+            )
+
+    @property
+    def _custom_rule(self):
+        return self._avg_fn is not None or self._multi_avg_fn is not None
+
+    def _rule(self):
+        """The averaging rule, `(averages, values, n) -> new averages` on lists of fp32 tensors.
+
+        Pure, written on `keras_swa.backend.ops` and the user's functions: the backends compile
+        it (`tf.function(jit_compile=True)`, `jax.jit`) with `n` a scalar tensor, so the decay
+        of a dynamic EMA is computed inside the compiled update.
+        """
+        mode, decay = self._mode, self._decay
+        dynamic, power, gamma = self._dynamic_decay, self._warmup_power, self._warmup_gamma
+        avg_fn, multi_avg_fn = self._avg_fn, self._multi_avg_fn
+
+        def custom(averages, values, n):
+            values = [ops.cast(v, "float32") for v in values]
+            if multi_avg_fn is not None:
+                new = multi_avg_fn(list(averages), list(values), n)
+                name = "multi_avg_fn"
+                if not isinstance(new, (list, tuple)) or len(new) != len(averages):
+                    raise ValueError(
+                        f"`multi_avg_fn` must return a list of {len(averages)} tensors, one per "
+                        f"average. Received: {type(new).__name__} {new!r:.200}"
+                    )
+            else:
+                new = [avg_fn(a, v, n) for a, v in zip(averages, values)]
+                name = "avg_fn"
+            out = []
+            first = ops.equal(n, 0)
+            for i, (average, value, result) in enumerate(zip(averages, values, new)):
+                result = ops.cast(ops.convert_to_tensor(result), "float32")
+                if tuple(result.shape) != tuple(average.shape):
+                    raise ValueError(
+                        f"`{name}` must return averages of the averages' shapes: average {i} "
+                        f"has shape {tuple(average.shape)}, `{name}` returned shape "
+                        f"{tuple(result.shape)}."
+                    )
+                # As torch's `AveragedModel`: the first update copies the weights.
+                out.append(ops.where(first, value, result))
+            return out
+
+        def builtin(averages, values, n):
+            if mode == "swa":
+                return [averaging.swa_update(a, v, n) for a, v in zip(averages, values)]
+            d = averaging.ema_decay(decay, n, dynamic, power, gamma)
+            return [averaging.ema_update(a, v, d, n) for a, v in zip(averages, values)]
+
+        return custom if self._custom_rule else builtin
 
     @staticmethod
     def _collect_variables(model_or_variables, include_non_trainable):
@@ -241,6 +400,11 @@ class AveragedWeights(tf.Module):
         return self._decay
 
     @property
+    def dynamic_decay(self):
+        """Whether the EMA decay warms up as `min(decay, (1 + n) / (10 + n))`."""
+        return self._dynamic_decay
+
+    @property
     def tracked_variables(self):
         """The model variables whose averages are kept, in the order of `averages`."""
         return list(self._source.variables)
@@ -272,19 +436,17 @@ class AveragedWeights(tf.Module):
 
     def _make_update(self, storage, variables, n_averaged):
         """The compiled update of one device's `storage` (see `_storage`) from `variables`."""
-        mode, decay, layout = self._mode, self._decay, self._layout
+        rule, layout = self._rule(), self._layout
         storage, variables = list(storage), list(variables)
 
         def update_all():
             n = n_averaged.read_value()
-            pairs = [(average, variables[i]) for average, i in zip(storage, layout.own)]
+            values = [variables[i] for i in layout.own]
             if layout.packed:
-                pairs.append((storage[-1], layout.pack(variables)))
-            for average, value in pairs:
-                if mode == "swa":
-                    average.assign(averaging.swa_update(average, value, n))
-                else:
-                    average.assign(averaging.ema_update(average, value, decay, n))
+                values.append(layout.pack(variables))
+            new = rule([average.read_value() for average in storage], values, n)
+            for average, value in zip(storage, new):
+                average.assign(value)
             n_averaged.assign_add(1)
             return tf.constant(True)
 
@@ -524,3 +686,165 @@ class AveragedWeights(tf.Module):
             yield self
         finally:
             self._assign(targets, backup)
+
+    # ------------------------------------------------------------------ Keras-style saving
+
+    def _fingerprint(self):
+        if self._multi_avg_fn is not None:
+            rule = "multi_avg_fn"
+        elif self._avg_fn is not None:
+            rule = "avg_fn"
+        else:
+            rule = self._mode
+        shapes = [[int(d) for d in v.shape] for v in self._source.variables]
+        return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
+
+    def _check_store_support(self, method):
+        # The store holds the averages and the count; a subclass with more state (`SWAG`)
+        # must save it too, and then set `_store_holds_all_state = True`, to use it.
+        if type(self) is not AveragedWeights and not getattr(
+            type(self), "_store_holds_all_state", False
+        ):
+            raise NotImplementedError(
+                f"`{type(self).__name__}.{method}` would save only the averages of its state: "
+                "use `tf.train.Checkpoint`, which saves all of it."
+            )
+
+    def save_own_variables(self, store):
+        """Saves the averages and `n_averaged` into `store`, as Keras 3 layers do.
+
+        `store` is dict-like with string keys (Keras' own H5 store, or a plain `dict`). It gets
+        `"0"`, `"1"`, ... the fp32 average of each tracked variable, in the order of
+        `tracked_variables`; `"n_averaged"`, the count (int64); and `"fingerprint"`, the
+        averaging rule and the shapes of the tracked variables as UTF-8 JSON bytes, which
+        `load_own_variables` checks.
+
+        Args:
+            store: a dict-like, written with `store[key] = numpy_array`.
+        """
+        self._check_store_support("save_own_variables")
+        if self._jax is not None:
+            self._jax.sync()
+        fingerprint = json.dumps(self._fingerprint()).encode("utf-8")
+        store["fingerprint"] = np.frombuffer(fingerprint, np.uint8)
+        store["n_averaged"] = np.asarray(int(self.n_averaged.numpy()), np.int64)
+        for i, average in enumerate(self.averages):
+            store[str(i)] = np.asarray(average, np.float32)
+
+    def load_own_variables(self, store):
+        """Restores the averages and `n_averaged` saved by `save_own_variables`.
+
+        Everything is read and checked before anything is written: a store saved from other
+        variables (another count or shape), or by another averaging rule (`mode`, `avg_fn`),
+        raises a `ValueError` that names the difference, and leaves this object as it was.
+
+        Args:
+            store: a dict-like with the keys `save_own_variables` writes.
+        """
+        self._check_store_support("load_own_variables")
+
+        def get(key):
+            try:
+                return np.asarray(store[key])
+            except KeyError:
+                raise ValueError(
+                    f"The store holds no {key!r} entry: it was not saved by "
+                    "`AveragedWeights.save_own_variables`."
+                ) from None
+
+        try:
+            saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("The store's 'fingerprint' entry is not readable.") from None
+        mine = self._fingerprint()
+        if saved.get("format") != mine["format"]:
+            raise ValueError(
+                "The store was not saved by `AveragedWeights.save_own_variables`. "
+                f"Received: format={saved.get('format')!r}"
+            )
+        if saved["rule"] != mine["rule"]:
+            raise ValueError(
+                f"The saved averages were made by the {saved['rule']!r} rule, this "
+                f"AveragedWeights uses {mine['rule']!r}: `mode`, `avg_fn` and `multi_avg_fn` "
+                f"must match. Received: rule={saved['rule']!r}"
+            )
+        if len(saved["shapes"]) != len(mine["shapes"]):
+            raise ValueError(
+                f"The saved averages are of {len(saved['shapes'])} variables, this "
+                f"AveragedWeights tracks {len(mine['shapes'])}. "
+                f"Received: {len(saved['shapes'])} saved averages"
+            )
+        values = []
+        for i, (shape, variable) in enumerate(zip(mine["shapes"], self._source.variables)):
+            value = get(str(i))
+            if list(value.shape) != shape or saved["shapes"][i] != shape:
+                raise ValueError(
+                    f"Variable {i} ({_variable_name(variable)!r}) has shape {tuple(shape)} "
+                    f"but its saved average has shape {tuple(value.shape)}. "
+                    f"Received: saved shapes={saved['shapes']}"
+                )
+            values.append(value.astype(np.float32))
+        count = get("n_averaged")
+        # The largest count this backend holds (JAX without x64: int32).
+        limit = np.iinfo(np.int64).max if self._jax is None else self._jax.count_limit
+        if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
+            0 <= int(count) <= limit
+        ):
+            raise ValueError(
+                f"`n_averaged` must be an integer in [0, {limit}]. Received: n_averaged={count!r}"
+            )
+        self._restore(values, int(count))
+
+    def _restore(self, values, count):
+        """Writes checked averages (fp32 NumPy arrays, tracked order) and the count."""
+        if self._jax is not None:
+            for average, value in zip(self._jax.averages, values):
+                average.assign(value)
+            self._jax.count.assign(np.asarray(count, self._jax.count.dtype))
+            return
+        layout = self._layout
+        for average, i in zip(self._own_averages, layout.own):
+            average.assign(values[i])
+        if self._packed_averages is not None:
+            self._packed_averages.assign(layout.pack(values))
+        self._count.assign(count)
+
+    def save_weights(self, filepath):
+        """Saves the averages and `n_averaged` to a `.weights.h5` file (HDF5), atomically.
+
+        The file holds what `save_own_variables` writes, one dataset per key. It is written
+        under a temporary name in the same folder and then renamed over `filepath`, so an
+        interrupted save never leaves a half-written file. Needs h5py (installed with Keras 3).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+
+        Example:
+
+        >>> import os, tempfile
+        >>> from keras_swa.backend import keras
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> averaged = AveragedWeights(model)
+        >>> _ = averaged.update()
+        >>> path = os.path.join(tempfile.mkdtemp(), "swa.weights.h5")
+        >>> averaged.save_weights(path)
+        >>> restored = AveragedWeights(model)
+        >>> restored.load_weights(path)
+        >>> int(restored.n_averaged)
+        1
+        """
+        store = {}
+        self.save_own_variables(store)
+        weights_file.write(filepath, store)
+
+    def load_weights(self, filepath):
+        """Restores the averages and `n_averaged` from a file written by `save_weights`.
+
+        A file saved from other variables or by another averaging rule raises a `ValueError`
+        naming the difference, and this object is left as it was (see `load_own_variables`).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        self._check_store_support("load_weights")
+        self.load_own_variables(weights_file.read(filepath))

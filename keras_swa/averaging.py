@@ -18,7 +18,7 @@ tf_keras), so that the one definition serves every backend.
 
 from keras_swa.backend import ops
 
-__all__ = ["ema_update", "swa_update"]
+__all__ = ["ema_decay", "ema_update", "swa_update"]
 
 
 def swa_update(average, value, n_averaged):
@@ -78,3 +78,40 @@ def ema_update(average, value, decay, n_averaged):
     first = ops.cast(ops.equal(n_averaged, 0), average.dtype)
     keep = decay * (1.0 - first)
     return average + (value - average) * (1.0 - keep)
+
+
+def ema_decay(decay, n_averaged, dynamic_decay=False, warmup_power=None, warmup_gamma=1.0):
+    """The EMA decay of the update that follows `n_averaged` earlier ones, as a float32 scalar.
+
+    - constant: `decay`;
+    - `dynamic_decay=True` (tensorflow-addons' `MovingAverage(dynamic_decay=True)`, TF Model
+      Garden's EMA): `min(decay, (1 + n) / (10 + n))`;
+    - `warmup_power=p` (timm's EMA warm-up): `min(decay, 1 - (1 + n / warmup_gamma) ** -p)`.
+
+    `n` is `n_averaged`, the number of updates before this one, so the first update (n = 0) has
+    decay 0.1 (dynamic) or 0 (warm-up); `ema_update` copies the value on it either way. Computed
+    from the tensor `n_averaged`, so that it lives inside the compiled update (no retracing).
+
+    Args:
+        decay: float in [0, 1), the largest decay.
+        n_averaged: integer scalar tensor, how many values were folded in so far.
+        dynamic_decay: use tfa's `(1 + n) / (10 + n)` warm-up. Defaults to `False`.
+        warmup_power: the power `p` of timm's warm-up, or `None` for none. Defaults to `None`.
+        warmup_gamma: timm's `gamma` (the warm-up's time scale in updates). Defaults to 1.0.
+
+    Returns:
+        The decay, a float32 scalar tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> [round(float(np.asarray(ema_decay(0.999, n, dynamic_decay=True))), 4) for n in (0, 1, 90)]
+    [0.1, 0.1818, 0.91]
+    """
+    decay = ops.cast(decay, "float32")
+    n = ops.cast(n_averaged, "float32")
+    if dynamic_decay:
+        return ops.minimum(decay, (1.0 + n) / (10.0 + n))
+    if warmup_power is not None:
+        return ops.minimum(decay, 1.0 - ops.power(1.0 + n / warmup_gamma, -float(warmup_power)))
+    return decay

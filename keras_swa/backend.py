@@ -50,6 +50,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "
         equal = staticmethod(tf.equal)
         floor = staticmethod(tf.math.floor)
         maximum = staticmethod(tf.maximum)
+        minimum = staticmethod(tf.minimum)
         mod = staticmethod(tf.math.floormod)
         power = staticmethod(tf.pow)
         where = staticmethod(tf.where)

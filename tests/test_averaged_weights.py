@@ -438,3 +438,321 @@ def test_nonfinite_raise_inside_tf_function_fails_the_graph_and_keeps_the_averag
     assert int(averaged.n_averaged.numpy()) == 1
     for g, a in zip(good, averaged.averages):
         np.testing.assert_array_equal(g, a.numpy())
+
+
+# ---------------------------------------------------------------- EMA warm-up (dynamic decay)
+
+
+def _numpy_ema(snapshots, decay_of_n):
+    """EMA over recorded snapshots; `decay_of_n(n)` for the update after n earlier ones."""
+    expected = None
+    for n, snap in enumerate(snapshots):
+        if expected is None:
+            expected = snap
+        else:
+            d = decay_of_n(n)
+            expected = [d * e + (1 - d) * s for e, s in zip(expected, snap)]
+    return expected
+
+
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+@pytest.mark.parametrize(
+    "kwargs, decay_of_n",
+    [
+        # tfa MovingAverage(dynamic_decay=True): min(d, (1 + n) / (10 + n)), n updates so far.
+        ({"dynamic_decay": True}, lambda n: min(0.999, (1 + n) / (10 + n))),
+        # timm's warm-up: min(d, 1 - (1 + n / gamma) ** -power).
+        ({"warmup_power": 0.75, "warmup_gamma": 2.0},
+         lambda n: min(0.999, 1 - (1 + n / 2.0) ** -0.75)),
+    ],
+)
+def test_ema_warmup_matches_numpy_and_traces_once(make_model, kwargs, decay_of_n):
+    model = make_model()
+    averaged = AveragedWeights(model, mode="ema", decay=0.999, **kwargs)
+    rng = np.random.default_rng(8)
+    recorded = []
+    for _ in range(7):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    expected = _numpy_ema(recorded, decay_of_n)
+    for average, e in zip(averaged.averages, expected):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-5)
+    # The decay is computed from the count inside the one compiled update.
+    assert averaged._update_fn.experimental_get_tracing_count() == 1
+
+
+def test_dynamic_decay_reaches_the_constant_decay():
+    v = tf.Variable([0.0])
+    averaged = AveragedWeights([v], mode="ema", decay=0.5, dynamic_decay=True)
+    averaged.update()  # n = 0: copies 0
+    for n in range(1, 12):
+        v.assign([1.0])
+        averaged.update()
+    # (1 + n) / (10 + n) >= 0.5 from n = 8: the decay is then capped at 0.5.
+    expected = _numpy_ema([[np.zeros(1)]] + [[np.ones(1)]] * 11,
+                          lambda n: min(0.5, (1 + n) / (10 + n)))
+    np.testing.assert_allclose(averaged.averages[0].numpy(), expected[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dynamic_decay": True}, "mode='swa', dynamic_decay=True"),
+        ({"warmup_power": 0.5}, "warmup_power=0.5"),
+        ({"mode": "ema", "decay": 0.9, "dynamic_decay": 1}, "dynamic_decay=1"),
+        ({"mode": "ema", "decay": 0.9, "warmup_power": 0}, "warmup_power=0"),
+        ({"mode": "ema", "decay": 0.9, "warmup_power": 1.0, "warmup_gamma": -1.0},
+         "warmup_gamma=-1.0"),
+        ({"mode": "ema", "decay": 0.9, "warmup_gamma": 2.0}, "warmup_gamma=2.0"),
+        ({"mode": "ema", "decay": 0.9, "dynamic_decay": True, "warmup_power": 1.0},
+         "not both"),
+        ({"avg_fn": 3}, "avg_fn=3"),
+        ({"multi_avg_fn": "mean"}, "multi_avg_fn='mean'"),
+        ({"avg_fn": max, "multi_avg_fn": max}, "not both"),
+        ({"avg_fn": max, "mode": "ema", "decay": 0.9}, "mode='ema', decay=0.9"),
+    ],
+)
+def test_bad_rule_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AveragedWeights(_model(), **kwargs)
+
+
+# ---------------------------------------------------------------- custom avg_fn / multi_avg_fn
+
+
+def _running_max(average, value, n_averaged):
+    return tf.maximum(average, value)
+
+
+def _late_heavy(average, value, n_averaged):
+    # Weight 2 / (n + 2) on the new value: later captures count more than in SWA's mean.
+    return average + (value - average) * (2.0 / (tf.cast(n_averaged, tf.float32) + 2.0))
+
+
+def _numpy_late_heavy(snapshots):
+    average = snapshots[0]
+    for n, snap in enumerate(snapshots[1:], start=1):
+        average = [a + (s - a) * (2.0 / (n + 2.0)) for a, s in zip(average, snap)]
+    return average
+
+
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+@pytest.mark.parametrize("how", ["avg_fn", "multi_avg_fn"])
+def test_custom_avg_fn_matches_numpy_and_traces_once(make_model, how):
+    model = make_model()
+    seen_n = []
+
+    def late_heavy(average, value, n_averaged):
+        seen_n.append(n_averaged)
+        assert average.dtype == tf.float32 and value.dtype == tf.float32
+        return _late_heavy(average, value, n_averaged)
+
+    def multi(averages, values, n_averaged):
+        return [late_heavy(a, v, n_averaged) for a, v in zip(averages, values)]
+
+    kwargs = {"avg_fn": late_heavy} if how == "avg_fn" else {"multi_avg_fn": multi}
+    averaged = AveragedWeights(model, **kwargs)
+    # An arbitrary function may not be elementwise: one average per variable, none packed.
+    assert len(averaged.variables) == len(model.trainable_variables) + 1
+    rng = np.random.default_rng(9)
+    recorded = []
+    for _ in range(6):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    for average, e in zip(averaged.averages, _numpy_late_heavy(recorded)):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-5)
+    # Called while tracing only (per variable), with the count as a scalar tensor.
+    assert len(seen_n) == len(model.trainable_variables)
+    assert all(tf.is_tensor(n) and n.shape == () for n in seen_n)
+    assert averaged._update_fn.experimental_get_tracing_count() == 1
+
+
+def test_running_max_avg_fn_and_first_update_copies():
+    model = _model()
+    averaged = AveragedWeights(model, avg_fn=_running_max)
+    rng = np.random.default_rng(10)
+    recorded = []
+    for _ in range(5):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+        if len(recorded) == 1:
+            for a, s in zip(averaged.averages, recorded[0]):
+                np.testing.assert_allclose(a.numpy(), s, rtol=1e-7)
+    for i, average in enumerate(averaged.averages):
+        np.testing.assert_allclose(average.numpy(), np.max([r[i] for r in recorded], axis=0),
+                                   rtol=1e-7)
+
+
+def test_avg_fn_of_the_wrong_shape_raises():
+    averaged = AveragedWeights(_model(), avg_fn=lambda a, v, n: tf.reduce_sum(a))
+    with pytest.raises(ValueError, match="avg_fn` must return averages of the averages' shapes"):
+        averaged.update()
+    averaged = AveragedWeights(_model(), multi_avg_fn=lambda a, v, n: a[:1])
+    with pytest.raises(ValueError, match="must return a list of 6 tensors"):
+        averaged.update()
+
+
+# ---------------------------------------------------------------- save_weights / load_weights
+
+
+@pytest.mark.parametrize("make_model", [_model, _wide_model])
+@pytest.mark.parametrize(
+    "kwargs, numpy_rule",
+    [
+        ({}, "mean"),
+        ({"mode": "ema", "decay": 0.999, "dynamic_decay": True}, "dynamic"),
+    ],
+)
+def test_save_load_then_continue_matches_numpy(tmp_path, make_model, kwargs, numpy_rule):
+    model = make_model()
+    averaged = AveragedWeights(model, **kwargs)
+    rng = np.random.default_rng(11)
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]  # no temporary left
+
+    fresh = make_model()  # e.g. the restarted job: other initial weights
+    restored = AveragedWeights(fresh, **kwargs)
+    restored.load_weights(path)
+    assert int(restored.n_averaged.numpy()) == 3
+    for a, b in zip(averaged.averages, restored.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for _ in range(3):
+        _perturb(fresh.trainable_variables, rng)
+        recorded.append(_snapshot(fresh.trainable_variables))
+        restored.update()
+    if numpy_rule == "mean":
+        expected = [np.mean([r[i] for r in recorded], axis=0) for i in range(len(recorded[0]))]
+    else:
+        expected = _numpy_ema(recorded, lambda n: min(0.999, (1 + n) / (10 + n)))
+    for average, e in zip(restored.averages, expected):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_store_protocol_keys_and_round_trip():
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(12)
+    _perturb(model.trainable_variables, rng)
+    averaged.update()
+    store = {}
+    averaged.save_own_variables(store)
+    n = len(model.trainable_variables)
+    assert sorted(store) == sorted([str(i) for i in range(n)] + ["n_averaged", "fingerprint"])
+    for i, v in enumerate(model.trainable_variables):
+        assert store[str(i)].dtype == np.float32
+        np.testing.assert_array_equal(store[str(i)], v.numpy())
+    assert int(store["n_averaged"]) == 1
+    restored = AveragedWeights(_model())
+    restored.load_own_variables(store)
+    for a, b in zip(averaged.averages, restored.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _state(averaged):
+    return [a.numpy().copy() for a in averaged.averages], int(averaged.n_averaged.numpy())
+
+
+def _assert_state(averaged, state):
+    averages, count = state
+    assert int(averaged.n_averaged.numpy()) == count
+    for a, b in zip(averages, averaged.averages):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize(
+    "make_target, message",
+    [
+        (lambda: AveragedWeights(
+            keras.Sequential([keras.Input((5,)), keras.layers.Dense(8),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(3)])),
+         r"Variable 0 .* has shape \(5, 8\) but its saved average has shape \(4, 8\)"),
+        (lambda: AveragedWeights(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+         "of 6 variables, this AveragedWeights tracks 2"),
+        (lambda: AveragedWeights(_model(), mode="ema", decay=0.9),
+         "made by the 'swa' rule, this AveragedWeights uses 'ema'"),
+        (lambda: AveragedWeights(_model(), avg_fn=_running_max),
+         "made by the 'swa' rule, this AveragedWeights uses 'avg_fn'"),
+    ],
+)
+def test_refused_load_names_the_difference_and_leaves_the_state(tmp_path, make_target, message):
+    model = _model()
+    source = AveragedWeights(model)
+    source.update()
+    path = str(tmp_path / "swa.weights.h5")
+    source.save_weights(path)
+    target = make_target()
+    for v in target.tracked_variables:
+        v.assign(v.numpy() + 1.0)
+    target.update()
+    before = _state(target)
+    with pytest.raises(ValueError, match=message):
+        target.load_weights(path)
+    _assert_state(target, before)
+
+
+def test_incomplete_store_is_refused_before_anything_is_written():
+    model = _wide_model()  # packed and own averages: a partial write would be visible
+    source = AveragedWeights(model)
+    source.update()
+    store = {}
+    source.save_own_variables(store)
+    target = AveragedWeights(_wide_model())
+    target.update()
+    before = _state(target)
+    del store[str(len(model.trainable_variables) - 1)]  # the last average is missing
+    with pytest.raises(ValueError, match="no '5' entry"):
+        target.load_own_variables(store)
+    _assert_state(target, before)
+    with pytest.raises(ValueError, match="no 'fingerprint' entry"):
+        target.load_own_variables({})
+    _assert_state(target, before)
+
+
+def test_save_weights_path_checks(tmp_path):
+    averaged = AveragedWeights(_model())
+    with pytest.raises(ValueError, match=r"must end in `.weights.h5`. Received: filepath="):
+        averaged.save_weights(str(tmp_path / "swa.h5"))
+    with pytest.raises(FileNotFoundError):
+        averaged.load_weights(str(tmp_path / "missing.weights.h5"))
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    model = _model()
+    averaged = AveragedWeights(model)
+    averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    old = path.read_bytes()
+    averaged.update()
+    original = averaged.save_own_variables
+
+    def broken(store):
+        original(store)
+        store["unwritable"] = object()  # h5py cannot store it: the write fails half-way
+
+    monkeypatch.setattr(averaged, "save_own_variables", broken)
+    with pytest.raises(TypeError):
+        averaged.save_weights(path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]
+
+
+def test_swag_refuses_the_averages_only_store(tmp_path):
+    from keras_swa.swag import SWAG
+
+    swag = SWAG(_model(), max_rank=2)
+    swag.update()
+    with pytest.raises(NotImplementedError, match="tf.train.Checkpoint"):
+        swag.save_weights(tmp_path / "swag.weights.h5")
+    with pytest.raises(NotImplementedError, match="tf.train.Checkpoint"):
+        swag.load_own_variables({})
+    assert list(tmp_path.iterdir()) == []

@@ -289,3 +289,130 @@ def test_update_inside_a_batch_hook_syncs_the_model():
     for i, average in enumerate(averaged.averages):
         expected = np.mean([r[i] for r in recorded], axis=0)
         np.testing.assert_allclose(np.asarray(average), expected, rtol=1e-6, atol=1e-6)
+
+
+def _numpy_ema(snapshots, decay_of_n):
+    expected = snapshots[0]
+    for n, snap in enumerate(snapshots[1:], start=1):
+        d = decay_of_n(n)
+        expected = [d * e + (1 - d) * s for e, s in zip(expected, snap)]
+    return expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, decay_of_n",
+    [
+        ({"dynamic_decay": True}, lambda n: min(0.999, (1 + n) / (10 + n))),
+        ({"warmup_power": 0.75, "warmup_gamma": 2.0},
+         lambda n: min(0.999, 1 - (1 + n / 2.0) ** -0.75)),
+    ],
+)
+def test_ema_warmup_matches_numpy_and_traces_once(kwargs, decay_of_n):
+    model = _model()
+    averaged = AveragedWeights(model, mode="ema", decay=0.999, **kwargs)
+    rng = np.random.default_rng(10)
+    recorded = []
+    for _ in range(7):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    for average, e in zip(averaged.averages, _numpy_ema(recorded, decay_of_n)):
+        np.testing.assert_allclose(np.asarray(average), e, rtol=1e-5, atol=1e-5)
+    assert averaged._jax.traces == 1
+
+
+@pytest.mark.parametrize("how", ["avg_fn", "multi_avg_fn"])
+def test_custom_avg_fn_matches_numpy_and_traces_once(how):
+    ops = keras.ops
+    seen_n = []
+
+    def late_heavy(average, value, n_averaged):
+        seen_n.append(n_averaged)
+        return average + (value - average) * (2.0 / (ops.cast(n_averaged, "float32") + 2.0))
+
+    def multi(averages, values, n_averaged):
+        return [late_heavy(a, v, n_averaged) for a, v in zip(averages, values)]
+
+    model = _model()
+    kwargs = {"avg_fn": late_heavy} if how == "avg_fn" else {"multi_avg_fn": multi}
+    averaged = AveragedWeights(model, **kwargs)
+    rng = np.random.default_rng(11)
+    recorded = []
+    for _ in range(6):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    expected = recorded[0]
+    for n, snap in enumerate(recorded[1:], start=1):
+        expected = [e + (s - e) * (2.0 / (n + 2.0)) for e, s in zip(expected, snap)]
+    for average, e in zip(averaged.averages, expected):
+        np.testing.assert_allclose(np.asarray(average), e, rtol=1e-5, atol=1e-5)
+    assert averaged._jax.traces == 1
+    assert len(seen_n) == len(model.trainable_variables)
+    assert all(np.shape(n) == () for n in seen_n)
+
+
+def test_running_max_avg_fn():
+    model = _model()
+    averaged = AveragedWeights(model, avg_fn=lambda a, v, n: keras.ops.maximum(a, v))
+    rng = np.random.default_rng(12)
+    recorded = []
+    for _ in range(5):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    for i, average in enumerate(averaged.averages):
+        np.testing.assert_allclose(
+            np.asarray(average), np.max([r[i] for r in recorded], axis=0), rtol=1e-7
+        )
+
+
+def test_save_load_then_continue_matches_numpy(tmp_path):
+    model = _model()
+    averaged = AveragedWeights(model)
+    rng = np.random.default_rng(13)
+    recorded = []
+    for _ in range(3):
+        _perturb(model.trainable_variables, rng)
+        recorded.append(_snapshot(model.trainable_variables))
+        averaged.update()
+    path = tmp_path / "swa.weights.h5"
+    averaged.save_weights(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]
+    fresh = _model()
+    restored = AveragedWeights(fresh)
+    restored.load_weights(path)
+    assert int(restored.n_averaged.numpy()) == 3
+    for _ in range(3):
+        _perturb(fresh.trainable_variables, rng)
+        recorded.append(_snapshot(fresh.trainable_variables))
+        restored.update()
+    assert restored._jax.traces == 1
+    for i, average in enumerate(restored.averages):
+        expected = np.mean([r[i] for r in recorded], axis=0)
+        np.testing.assert_allclose(np.asarray(average), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_refused_load_leaves_the_state(tmp_path):
+    source = AveragedWeights(_model())
+    source.update()
+    path = str(tmp_path / "swa.weights.h5")
+    source.save_weights(path)
+    for target, message in [
+        (AveragedWeights(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+         "of 6 variables, this AveragedWeights tracks 2"),
+        (AveragedWeights(_model(), mode="ema", decay=0.9), "'swa' rule"),
+    ]:
+        target.update()
+        before = [np.asarray(a).copy() for a in target.averages]
+        with pytest.raises(ValueError, match=message):
+            target.load_weights(path)
+        assert int(target.n_averaged.numpy()) == 1
+        for b, a in zip(before, target.averages):
+            np.testing.assert_array_equal(b, np.asarray(a))
+    store = {}
+    source.save_own_variables(store)
+    store["n_averaged"] = np.asarray(2**40, np.int64)
+    if not jax.config.jax_enable_x64:  # an int32 count cannot hold it
+        with pytest.raises(ValueError, match="n_averaged=array"):
+            AveragedWeights(_model()).load_own_variables(store)

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_swa import averaging
 from keras_swa.backend import keras
 
 __all__ = ["Averages", "copy_as", "count_dtype", "sync"]
@@ -82,17 +81,17 @@ class Averages:
 
     Args:
         variables: the tracked `keras.Variable`s (floating point).
-        mode: `"swa"` or `"ema"`.
-        decay: the EMA decay (`mode="ema"`), else `None`.
+        rule: the averaging rule, `(averages, values, n) -> new averages` on lists of float32
+            arrays (`AveragedWeights._rule`: SWA, EMA with its decay schedule, or the user's
+            `avg_fn`), traced into the one compiled update with `n` the count as a scalar.
         check: run the NaN/Inf test before folding a capture in.
         model: the model the variables belong to, if any: synced (`sync`) before each read.
     """
 
-    def __init__(self, variables, mode, decay, check, model=None):
+    def __init__(self, variables, rule, check, model=None):
         self._variables = list(variables)
         self.model = model
-        self._mode = mode
-        self._decay = decay
+        self._rule = rule
         self._check = bool(check)
         self.averages = [
             keras.Variable(
@@ -104,7 +103,7 @@ class Averages:
             for i, v in enumerate(self._variables)
         ]
         self.count = keras.Variable(0, dtype=count_dtype(), trainable=False, name="n_averaged")
-        self._count_limit = int(np.iinfo(count_dtype()).max)
+        self.count_limit = int(np.iinfo(count_dtype()).max)
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0
         self._update = jax.jit(self._update_all, donate_argnums=(0, 1))
@@ -114,7 +113,7 @@ class Averages:
         """`(averages, count, values) -> (new averages, new count, folded in?)`, pure."""
         self.traces += 1
         n = count
-        ok = n < self._count_limit
+        ok = n < self.count_limit
         if self._check:
             # The exact test runs only when the fast one fails (NaN/Inf, or a sum overflowed).
             ok = ok & jax.lax.cond(
@@ -122,13 +121,8 @@ class Averages:
                 lambda: jnp.asarray(True),
                 lambda: jnp.all(_finite_flags(values)),
             )
-        new = []
-        for average, value in zip(averages, values):
-            if self._mode == "swa":
-                updated = averaging.swa_update(average, value, n)
-            else:
-                updated = averaging.ema_update(average, value, self._decay, n)
-            new.append(jnp.where(ok, updated, average))
+        updated = self._rule(list(averages), list(values), n)
+        new = [jnp.where(ok, u, average) for u, average in zip(updated, averages)]
         return new, jnp.where(ok, n + 1, n), ok
 
     def update(self):
@@ -159,7 +153,7 @@ class Averages:
 
     def at_limit(self):
         """Whether the count has reached the largest value its dtype holds."""
-        return int(self.count.numpy()) >= self._count_limit
+        return int(self.count.numpy()) >= self.count_limit
 
     def values(self):
         """Copies of the averages, float32 `jax.Array`s in the order of the tracked variables."""
