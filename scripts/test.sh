@@ -19,7 +19,7 @@ XDIST=(-n "${KERAS_SWA_TEST_WORKERS:-2}" --dist loadfile)
 echo "== keras_swa tests with Keras 3"
 pytest "${XDIST[@]}" tests "$@"
 echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
-# Run once, with Keras 3, to keep CI within its budget: the benchmark smoke tests, the
+# Run once, with Keras 3, to keep CI within its budget: the main job, the benchmark smoke tests, the
 # accuracy benchmark's screen and forked runs (the benchmarks measure Keras 3; the
 # multi-worker benchmark's workers use tf_keras there anyway)
 # and the multi-worker tests, whose worker processes choose their Keras version themselves
@@ -27,7 +27,8 @@ echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
 TF_USE_LEGACY_KERAS=1 pytest "${XDIST[@]}" tests --ignore=tests/test_benchmarks_smoke.py \
   --ignore=tests/test_fork.py --ignore=tests/test_screening.py \
   --ignore=tests/test_accuracy_benchmark.py --ignore=tests/test_multi_worker.py \
-  --ignore=tests/test_multi_worker_resume.py --ignore=tests/test_presets.py "$@"
+  --ignore=tests/test_multi_worker_resume.py --ignore=tests/test_presets.py \
+  --ignore=tests/test_quickstart.py "$@"
 echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # The files that cover what runs on JAX today: AveragedWeights (against numpy), the schedules,
 # average_checkpoints of Keras weights files, and the refusal of every entry point not ported
