@@ -11,6 +11,7 @@ Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better 
 UAI 2018, arXiv 1803.05407.
 """
 
+import contextlib
 import numbers
 import os
 import warnings
@@ -182,6 +183,9 @@ class SWA(keras.callbacks.Callback):
         variables=None,
     ):
         backend.require_backend("SWA")
+        # Refused by name where they do not run yet (e.g. on JAX), never silently skipped.
+        backend.require_argument_backend("SWA", "backup_dir", backup_dir)
+        backend.require_argument_backend("SWA", "export_dir", export_dir)
         super().__init__()
         if start_epoch is not None and start_step is not None:
             raise ValueError(
@@ -506,7 +510,7 @@ class SWA(keras.callbacks.Callback):
         self._epoch = None
         self._pending_steps = []
         if self.averaged is None:
-            with find_strategy(model).scope():  # a list of variables does not name a strategy
+            with self._strategy_scope(model):
                 self.averaged = AveragedWeights(
                     self._selected_variables(model),
                     mode=self.mode,
@@ -521,6 +525,14 @@ class SWA(keras.callbacks.Callback):
             )
         self._restored = False
         self._check_export_dir()
+
+    @staticmethod
+    def _strategy_scope(model):
+        """The model's `tf.distribute` strategy scope (a list of variables does not name one);
+        on other backends nothing: their state does not live in TensorFlow variables."""
+        if backend.backend_name() != "tensorflow":
+            return contextlib.nullcontext()
+        return find_strategy(model).scope()
 
     def _check_bn_data(self, model):
         """Cheap checks of array `bn_data` before training (datasets are checked by the pass)."""
