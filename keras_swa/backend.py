@@ -69,7 +69,7 @@ else:
 # The Keras backends each public entry point runs on (tf_keras always runs on TensorFlow).
 SUPPORTED_BACKENDS = {
     "AveragedWeights": ("tensorflow", "jax"),
-    "SWA": ("tensorflow",),
+    "SWA": ("tensorflow", "jax"),
     "SWAG": ("tensorflow",),
     "FGE": ("tensorflow",),
     "SwapAveragedWeights": ("tensorflow",),

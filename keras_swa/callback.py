@@ -110,7 +110,9 @@ class SWA(keras.callbacks.Callback):
         bn_steps: number of batches of `bn_data` to use. Defaults to `None` (all of it).
         bn_batch_size: batch size for array `bn_data` (datasets are already batched).
             Defaults to `None` (`update_bn`'s default).
-        export_dir: if given, the final model is exported there as a SavedModel.
+        export_dir: if given, the final model is exported there as a SavedModel. Not on the
+            JAX backend yet (refused there with `NotImplementedError` when the callback is
+            created).
         overwrite_export: replace an existing SavedModel at `export_dir`. Defaults to `False`.
         mode: `"swa"` (equal-weight average) or `"ema"` (exponential moving average with
             `decay`, captured on the same cycle ends). Defaults to `"swa"`.
@@ -130,6 +132,7 @@ class SWA(keras.callbacks.Callback):
             MultiWorkerMirroredStrategy, as with BackupAndRestore, only the chief writes it
             (the other workers write a temporary folder beside it and delete it) and every
             worker restores from it, so it must be on storage that all workers can read.
+            Not on the JAX backend yet (refused there when the callback is created).
             Defaults to `None` (no state saved).
         backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
             `save_freq`. Defaults to `"epoch"`.
