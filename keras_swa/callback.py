@@ -471,6 +471,11 @@ class SWA(keras.callbacks.Callback):
             )
         if bn_layers:
             self._check_bn_data(model)
+            if backend.backend_name() == "jax":
+                # Fails now, not after training, where the final BN pass would refuse it.
+                from keras_swa.backends import jax_batch_norm
+
+                jax_batch_norm.check_distribution()
         if self.swa_lr is not None:
             # Fails here, before any training, if the learning rate cannot be set.
             backend.set_learning_rate(model.optimizer, backend.get_learning_rate(model.optimizer))

@@ -176,3 +176,23 @@ def test_arguments_not_ported_are_refused_by_name(argument, tmp_path):
     assert f"keras_swa.SWA({argument}=...)" in message
     assert f"Received: {argument}={path!r}, backend='jax'" in message
     assert not (tmp_path / "swa").exists()
+
+
+def test_a_keras_distribution_with_batchnorm_is_refused_before_training():
+    import jax
+
+    x = np.ones((N, 5), "float32")
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(2), keras.layers.BatchNormalization()]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [np.array(v.numpy()) for v in model.variables]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        with pytest.raises(NotImplementedError, match="keras.distribution"):
+            model.fit(x, np.zeros((N, 2), "float32"), epochs=1, verbose=0,
+                      callbacks=[SWA(bn_data=x, verbose=0)])
+    finally:
+        keras.distribution.set_distribution(None)
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, np.asarray(v.numpy()))
