@@ -30,6 +30,7 @@ __all__ = [
     "is_interactive_logging_enabled",
     "iter_layers",
     "print_msg",
+    "require_argument_backend",
     "require_backend",
     "set_learning_rate",
     "steps_per_execution",
@@ -45,6 +46,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "
         abs = staticmethod(tf.abs)
         cast = staticmethod(tf.cast)
         clip = staticmethod(tf.clip_by_value)
+        concatenate = staticmethod(lambda xs, axis=0: tf.concat(xs, axis=axis))
         convert_to_tensor = staticmethod(tf.convert_to_tensor)
         cos = staticmethod(tf.cos)
         equal = staticmethod(tf.equal)
@@ -53,8 +55,10 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "
         minimum = staticmethod(tf.minimum)
         mod = staticmethod(tf.math.floormod)
         power = staticmethod(tf.pow)
+        reshape = staticmethod(tf.reshape)
         where = staticmethod(tf.where)
         zeros = staticmethod(tf.zeros)
+        zeros_like = staticmethod(tf.zeros_like)
 
     IS_KERAS_3 = False
 else:
@@ -66,14 +70,21 @@ else:
 # The Keras backends each public entry point runs on (tf_keras always runs on TensorFlow).
 SUPPORTED_BACKENDS = {
     "AveragedWeights": ("tensorflow", "jax"),
-    "SWA": ("tensorflow",),
+    "SWA": ("tensorflow", "jax"),
     "SWAG": ("tensorflow",),
     "FGE": ("tensorflow",),
     "SwapAveragedWeights": ("tensorflow",),
-    "update_bn": ("tensorflow",),
+    "update_bn": ("tensorflow", "jax"),
     "average_checkpoints": ("tensorflow", "jax"),
     "export_saved_model": ("tensorflow",),
     "schedules": ("tensorflow", "jax"),
+}
+
+# Arguments of an entry point that need more than the entry point itself runs on: refused, by
+# name, where they would not work (`require_argument_backend`), never silently ignored.
+SUPPORTED_ARGUMENT_BACKENDS = {
+    ("SWA", "backup_dir"): ("tensorflow",),
+    ("SWA", "export_dir"): SUPPORTED_BACKENDS["export_saved_model"],
 }
 
 
@@ -123,6 +134,32 @@ def require_backend(entry_point, backend=None):
             f"supports {names}. Select a supported backend with the KERAS_BACKEND environment "
             f"variable (e.g. KERAS_BACKEND=tensorflow) before Keras is imported. "
             f"Received: backend={backend!r}"
+        )
+
+
+def require_argument_backend(entry_point, argument, value, backend=None):
+    """Raises `NotImplementedError` if `argument` of `entry_point` is given (not `None`) on a
+    Keras backend it does not run on (`SUPPORTED_ARGUMENT_BACKENDS`).
+
+    Example:
+
+    >>> require_argument_backend("SWA", "backup_dir", None, backend="jax")  # not given
+    >>> require_argument_backend("SWA", "backup_dir", "/tmp/swa", backend="jax")
+    Traceback (most recent call last):
+    ...
+    NotImplementedError: keras_swa.SWA(backup_dir=...) does not support the 'jax' Keras backend...
+    """
+    if value is None:
+        return
+    supported = SUPPORTED_ARGUMENT_BACKENDS[(entry_point, argument)]
+    backend = backend_name() if backend is None else backend
+    if backend not in supported:
+        names = ", ".join(repr(name) for name in supported)
+        raise NotImplementedError(
+            f"keras_swa.{entry_point}({argument}=...) does not support the {backend!r} Keras "
+            f"backend yet; it supports {names}. Pass {argument}=None on {backend!r}, or select "
+            "a supported backend with the KERAS_BACKEND environment variable before Keras is "
+            f"imported. Received: {argument}={value!r}, backend={backend!r}"
         )
 
 
@@ -202,8 +239,15 @@ def get_learning_rate(optimizer):
     schedule = _learning_rate_schedule(optimizer)
     if schedule is not None:
         step = max(int(optimizer.iterations.numpy()) - 1, 0)
-        return float(tf.convert_to_tensor(schedule(step)))
-    return float(tf.convert_to_tensor(optimizer.learning_rate))
+        return _to_float(schedule(step))
+    return _to_float(optimizer.learning_rate)
+
+
+def _to_float(value):
+    """A scalar tensor or variable of the backend in use, as a Python float."""
+    if backend_name() != "tensorflow":
+        return float(keras.ops.convert_to_numpy(value))
+    return float(tf.convert_to_tensor(value))
 
 
 def _learning_rate_schedule(optimizer):
@@ -254,6 +298,8 @@ def steps_per_execution(model):
         value = getattr(model, "_steps_per_execution", None)
     if value is None:
         return 1
+    if isinstance(value, int):
+        return value
     return int(tf.convert_to_tensor(value))
 
 

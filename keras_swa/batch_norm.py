@@ -84,6 +84,12 @@ def update_bn(
     statistics. Every replica (and worker) ends with the same statistics.
     `ParameterServerStrategy` is not supported.
 
+    On Keras 3's JAX backend the pass is compiled with `jax.jit` (`jit_compile` has no effect
+    there) and runs the forward pass in a `keras.StatelessScope`, so it writes nothing but the
+    new statistics (`keras_swa.backends.jax_batch_norm`); data may also be `jax.Array`s. A
+    `keras.distribution` in effect is refused there (`NotImplementedError`), and Keras itself
+    allows `synchronized=True` on TensorFlow only.
+
     Args:
         model: a built Keras model.
         data: the inputs for the pass, usually the training inputs without augmentation: a
@@ -102,7 +108,8 @@ def update_bn(
         jit_compile: compile each replica's forward pass with XLA (`tf.function(...,
             jit_compile=True)` per replica; the pass holds no float64 and no host round trip).
             Not needed under TPUStrategy, which compiles the pass itself; not possible with
-            synchronized BN on several replicas. Defaults to `False`.
+            synchronized BN on several replicas. On JAX the pass is always compiled.
+            Defaults to `False`.
         call_fn: a callable `call_fn(model, x)`, for models whose forward pass needs more
             than `model(x, training=True)`. It runs the forward pass for one batch's inputs `x`
             (the `x` of each data element, as above; under a strategy, the replica's share of
@@ -163,6 +170,18 @@ def update_bn(
             "`keras.Input`, or call `model.build(input_shape)` first. "
             f"Received: model={model!r} (built=False)"
         )
+    if backend.backend_name() == "jax":
+        # The same reset, pass and cumulative averages, compiled with `jax.jit`.
+        from keras_swa.backends import jax_batch_norm
+
+        jax_batch_norm.check_distribution()
+        layers = _layers_to_update(model)
+        if not layers:
+            return 0
+        batches, num_batches = _batches(jax_batch_norm.host_arrays(data), batch_size, steps)
+        progbar = _progbar(num_batches, verbose)
+        return jax_batch_norm.recompute(model, layers, batches, data, steps, progbar, call_fn)
+
     strategy = distribution.check_strategy(distribution.find_strategy(model), "`update_bn`")
     if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
         raise RuntimeError(
@@ -184,14 +203,19 @@ def update_bn(
         )
 
     batches, num_batches = _batches(data, batch_size, steps)
-    if verbose == "auto":
-        verbose = 1 if num_batches is not None and num_batches > 1 and _interactive() else 0
-    progbar = keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
+    progbar = _progbar(num_batches, verbose)
     scope = contextlib.nullcontext() if tf.distribute.has_strategy() else strategy.scope()
     with scope:
         return _recompute(
             model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn
         )
+
+
+def _progbar(num_batches, verbose):
+    """A `keras.utils.Progbar` for the pass, or None (`verbose` as `update_bn` takes it)."""
+    if verbose == "auto":
+        verbose = 1 if num_batches is not None and num_batches > 1 and _interactive() else 0
+    return keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
 
 
 def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn):
@@ -232,23 +256,13 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
                     inputs = _split_batch(strategy, x, n)
                 state = step(*inputs, state)
             except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
-                runner = "the model" if call_fn is None else f"`call_fn` ({call_fn!r})"
-                raise ValueError(
-                    f"`update_bn` could not run {runner} on a batch of `data` (batch "
-                    f"{num_steps + 1}, inputs {_describe(x)}); the data must match the model's "
-                    "inputs and come in batches (a tf.data.Dataset must be batched). "
-                    f"Received: data={_describe(data)}. Original error: {e}"
-                ) from e
+                raise _pass_error(call_fn, num_steps + 1, x, data, e) from e
             seen += n
             num_steps += 1
             if progbar is not None:
                 progbar.update(num_steps)
         if seen == 0:
-            raise ValueError(
-                "`update_bn` received no data: `data` yielded no samples, so the BatchNorm "
-                f"statistics cannot be recomputed. Received: data={_describe(data)}"
-                + (f", steps={steps}" if steps is not None else "")
-            )
+            raise _no_data_error(data, steps)
         # One sum over the replicas (and workers) of every replica's compensated sums.
         local_totals = strategy.run(tf.function(lambda s, c: s + c), args=state)
         totals = strategy.reduce(tf.distribute.ReduceOp.SUM, local_totals, axis=None)
@@ -272,6 +286,25 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
             for var, value in zip(stats, stat_backup):
                 var.assign(value)
     return seen
+
+
+def _pass_error(call_fn, batch, x, data, error):
+    """The `ValueError` for a batch the forward pass could not run on (both backends)."""
+    runner = "the model" if call_fn is None else f"`call_fn` ({call_fn!r})"
+    return ValueError(
+        f"`update_bn` could not run {runner} on a batch of `data` (batch "
+        f"{batch}, inputs {_describe(x)}); the data must match the model's "
+        "inputs and come in batches (a tf.data.Dataset must be batched). "
+        f"Received: data={_describe(data)}. Original error: {error}"
+    )
+
+
+def _no_data_error(data, steps):
+    return ValueError(
+        "`update_bn` received no data: `data` yielded no samples, so the BatchNorm "
+        f"statistics cannot be recomputed. Received: data={_describe(data)}"
+        + (f", steps={steps}" if steps is not None else "")
+    )
 
 
 class _CachedPass:
@@ -353,10 +386,13 @@ def _accumulate(sums, compensations, statistics, count):
     Returns:
         The new `(sums, compensations)`.
     """
-    flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in statistics], axis=0)
-    term = tf.where(count > 0, flat * count, tf.zeros_like(flat))
+    ops = backend.ops  # shared by the TensorFlow pass and the JAX one (keras_swa.backends)
+    flat = ops.concatenate(
+        [ops.reshape(ops.cast(v, "float32"), [-1]) for v in statistics], axis=0
+    )
+    term = ops.where(count > 0, flat * count, ops.zeros_like(flat))
     total = sums + term
-    lost = tf.where(tf.abs(sums) >= tf.abs(term), (sums - total) + term, (term - total) + sums)
+    lost = ops.where(ops.abs(sums) >= ops.abs(term), (sums - total) + term, (term - total) + sums)
     return total, compensations + lost
 
 

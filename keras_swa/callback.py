@@ -11,6 +11,7 @@ Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better 
 UAI 2018, arXiv 1803.05407.
 """
 
+import contextlib
 import numbers
 import os
 import warnings
@@ -109,7 +110,9 @@ class SWA(keras.callbacks.Callback):
         bn_steps: number of batches of `bn_data` to use. Defaults to `None` (all of it).
         bn_batch_size: batch size for array `bn_data` (datasets are already batched).
             Defaults to `None` (`update_bn`'s default).
-        export_dir: if given, the final model is exported there as a SavedModel.
+        export_dir: if given, the final model is exported there as a SavedModel. Not on the
+            JAX backend yet (refused there with `NotImplementedError` when the callback is
+            created).
         overwrite_export: replace an existing SavedModel at `export_dir`. Defaults to `False`.
         mode: `"swa"` (equal-weight average) or `"ema"` (exponential moving average with
             `decay`, captured on the same cycle ends). Defaults to `"swa"`.
@@ -129,6 +132,7 @@ class SWA(keras.callbacks.Callback):
             MultiWorkerMirroredStrategy, as with BackupAndRestore, only the chief writes it
             (the other workers write a temporary folder beside it and delete it) and every
             worker restores from it, so it must be on storage that all workers can read.
+            Not on the JAX backend yet (refused there when the callback is created).
             Defaults to `None` (no state saved).
         backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
             `save_freq`. Defaults to `"epoch"`.
@@ -182,6 +186,9 @@ class SWA(keras.callbacks.Callback):
         variables=None,
     ):
         backend.require_backend("SWA")
+        # Refused by name where they do not run yet (e.g. on JAX), never silently skipped.
+        backend.require_argument_backend("SWA", "backup_dir", backup_dir)
+        backend.require_argument_backend("SWA", "export_dir", export_dir)
         super().__init__()
         if start_epoch is not None and start_step is not None:
             raise ValueError(
@@ -464,6 +471,11 @@ class SWA(keras.callbacks.Callback):
             )
         if bn_layers:
             self._check_bn_data(model)
+            if backend.backend_name() == "jax":
+                # Fails now, not after training, where the final BN pass would refuse it.
+                from keras_swa.backends import jax_batch_norm
+
+                jax_batch_norm.check_distribution()
         if self.swa_lr is not None:
             # Fails here, before any training, if the learning rate cannot be set.
             backend.set_learning_rate(model.optimizer, backend.get_learning_rate(model.optimizer))
@@ -506,7 +518,7 @@ class SWA(keras.callbacks.Callback):
         self._epoch = None
         self._pending_steps = []
         if self.averaged is None:
-            with find_strategy(model).scope():  # a list of variables does not name a strategy
+            with self._strategy_scope(model):
                 self.averaged = AveragedWeights(
                     self._selected_variables(model),
                     mode=self.mode,
@@ -521,6 +533,14 @@ class SWA(keras.callbacks.Callback):
             )
         self._restored = False
         self._check_export_dir()
+
+    @staticmethod
+    def _strategy_scope(model):
+        """The model's `tf.distribute` strategy scope (a list of variables does not name one);
+        on other backends nothing: their state does not live in TensorFlow variables."""
+        if backend.backend_name() != "tensorflow":
+            return contextlib.nullcontext()
+        return find_strategy(model).scope()
 
     def _check_bn_data(self, model):
         """Cheap checks of array `bn_data` before training (datasets are checked by the pass)."""

@@ -20,6 +20,11 @@ __all__ = ["SwapAveragedWeights", "restore_variables", "snapshot_variables"]
 
 def snapshot_variables(model):
     """Copies of the values of every variable of `model` (trainable or not), in their dtype."""
+    if backend.backend_name() == "jax":
+        from keras_swa.backends.jax import copy_as, sync
+
+        sync(model)  # during `fit` the trainer keeps the state outside the variables
+        return [copy_as(v.value, v.value.dtype) for v in model.variables]
     return [tf.identity(tf.convert_to_tensor(v)) for v in model.variables]
 
 

@@ -1,5 +1,9 @@
 """Tests for the `keras_swa.SWA` callback: captures, learning rates and the end-of-training steps.
 
+Runs on TensorFlow (Keras 3 and tf_keras) and on JAX; the tests of what JAX does not run yet
+(`export_dir`, `SwapAveragedWeights`) are `tf_only`, and tests/test_jax_callback.py adds the
+JAX-specific checks.
+
 Every expectation is computed independently: numpy means of weights recorded by a separate callback,
 the paper's cyclic formula written out here, numpy BatchNorm statistics of the layer inputs.
 """
@@ -250,6 +254,7 @@ def test_steps_per_execution():
     assert [step for _, step, _ in swa.captures] == [4, 6, 8]
 
 
+@pytest.mark.tf_only("export_dir: export_saved_model is not ported to JAX yet")
 def test_export_at_the_end(tmp_path):
     x, y = _data(7)
     model = _bn_model()
@@ -350,7 +355,7 @@ def test_nonfinite_capture_raises_with_epoch_and_variable():
     with pytest.raises(FloatingPointError, match=r"epoch 2 .*kernel"):
         model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[_Diverge(1), swa], verbose=0)
     assert int(swa.averaged.n_averaged.numpy()) == 1
-    assert all(np.isfinite(a.numpy()).all() for a in swa.averaged.averages)
+    assert all(np.isfinite(np.asarray(a)).all() for a in swa.averaged.averages)
 
 
 def test_nonfinite_capture_skipped():
@@ -362,6 +367,7 @@ def test_nonfinite_capture_skipped():
     assert int(swa.averaged.n_averaged.numpy()) == 0
 
 
+@pytest.mark.tf_only("export_dir: export_saved_model is not ported to JAX yet")
 def test_unusable_export_dir_fails_before_training(tmp_path):
     x, y = _data()
     model = _dense_model()
@@ -425,6 +431,7 @@ def test_validation_of_the_average_leaves_training_bit_identical():
     assert "val_swa_mae" in history.history
 
 
+@pytest.mark.tf_only("SwapAveragedWeights is not ported to JAX yet")
 def test_swap_averaged_weights_for_model_checkpoint(tmp_path):
     from keras_swa.swap import SwapAveragedWeights
 
@@ -624,6 +631,7 @@ def test_variables_average_only_the_selection(form):
     )
 
 
+@pytest.mark.tf_only("SwapAveragedWeights is not ported to JAX yet")
 def test_variables_subset_with_swap_averaged_weights():
     from keras_swa.swap import SwapAveragedWeights
 

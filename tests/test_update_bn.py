@@ -306,6 +306,7 @@ def test_functional_model_with_dict_inputs(as_dataset):
     _assert_stats(model.get_layer("bn_out"), _expected_stats(in_out))
 
 
+@pytest.mark.tf_only("Keras allows BatchNormalization(synchronized=True) on TensorFlow only")
 def test_synchronized_bn_on_one_device():
     model = keras.Sequential(
         [keras.Input((8,)), L.Dense(6, name="d1"), L.BatchNormalization(synchronized=True)]
@@ -316,6 +317,7 @@ def test_synchronized_bn_on_one_device():
     _assert_stats(model.layers[-1], expected)
 
 
+@pytest.mark.tf_only("tf.distribute")
 def test_model_built_under_mirrored_strategy():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
@@ -742,6 +744,7 @@ def test_call_fn_must_be_callable(call_fn):
         update_bn(_two_bn_mlp(), _data(8), verbose=0, call_fn=call_fn)
 
 
+@pytest.mark.tf_only("tf.distribute")
 def test_call_fn_under_mirrored_strategy_gets_each_replicas_share():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
@@ -769,3 +772,38 @@ def test_a_call_fn_closing_over_the_model_does_not_keep_it_alive():
     del model, call_fn
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------------------------ the JAX backend
+
+
+@pytest.mark.jax_only
+def test_jax_arrays_as_data_and_the_models_arrays_stay_alive():
+    import jax.numpy as jnp
+
+    model = _two_bn_mlp()
+    before = [v.value for v in model.variables]  # the pass must not donate the model's arrays
+    x = _data(50, seed=31)
+    assert update_bn(model, (jnp.asarray(x), jnp.zeros((50, 1))), batch_size=16, verbose=0) == 50
+    expected1, expected2 = _two_bn_expected(model, x, 16)
+    _assert_stats(model.get_layer("bn1"), expected1)
+    _assert_stats(model.get_layer("bn2"), expected2)
+    for value in before:
+        assert not value.is_deleted()
+        np.asarray(value)
+
+
+@pytest.mark.jax_only
+def test_jax_update_bn_refuses_a_keras_distribution():
+    import jax
+
+    model = _two_bn_mlp()
+    stats = [_np(v) for v in model.non_trainable_variables]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        with pytest.raises(NotImplementedError, match="Received: distribution=DataParallel"):
+            update_bn(model, _data(8), verbose=0)
+    finally:
+        keras.distribution.set_distribution(None)
+    for before, v in zip(stats, model.non_trainable_variables):
+        np.testing.assert_array_equal(before, _np(v))

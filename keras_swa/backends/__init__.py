@@ -4,8 +4,9 @@ The averaging math (`keras_swa.averaging`), the callback, the schedules and the 
 are written once. What cannot be shared lives here:
 
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
-  `jax.jit`-compiled call with the averages' buffers donated (updated in place), and the
-  compiled BatchNorm pass of `update_bn` (`model.stateless_call` in training mode).
+  `jax.jit`-compiled call with the averages' buffers donated (updated in place).
+- `keras_swa.backends.jax_batch_norm`: the compiled BatchNorm pass of `update_bn` (the forward
+  pass in training mode inside `keras.StatelessScope`, under `jax.jit`).
 
 The TensorFlow path (`tf.function(jit_compile=True)` per device under `tf.distribute`, the
 packed small averages, the checkpointed `tf.Variable`s) is in `keras_swa.averaged_weights`,
