@@ -151,6 +151,15 @@ class SWA(keras.callbacks.Callback):
             or a callable `variable -> bool` applied to each trainable variable (e.g.
             `lambda v: v.path.startswith("head")`). The others keep the last iterate at the
             end. Defaults to `None`.
+        dynamic_decay: with `mode="ema"`, warm the decay up as
+            `min(decay, (1 + n) / (10 + n))` (tensorflow-addons' `dynamic_decay`; see
+            `AveragedWeights`). Defaults to `False`.
+        warmup_power: with `mode="ema"`, timm's warm-up
+            `min(decay, 1 - (1 + n / warmup_gamma) ** -warmup_power)`. Defaults to `None`.
+        warmup_gamma: see `warmup_power`. Defaults to 1.0.
+        avg_fn: a custom averaging rule `(average, value, n_averaged) -> new_average`
+            (torch's `avg_fn`), traced into the one compiled update; leave `mode="swa"`.
+            Defaults to `None`.
 
     Example:
 
@@ -184,6 +193,10 @@ class SWA(keras.callbacks.Callback):
         swa_validation_freq=1,
         verbose=1,
         variables=None,
+        dynamic_decay=False,
+        warmup_power=None,
+        warmup_gamma=1.0,
+        avg_fn=None,
     ):
         backend.require_backend("SWA")
         # Refused by name where they do not run yet (e.g. on JAX), never silently skipped.
@@ -270,6 +283,10 @@ class SWA(keras.callbacks.Callback):
         if verbose not in (0, 1):  # True and False are 1 and 0
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
         _check_averaging_arguments(mode, decay, nonfinite)
+        # The rest of AveragedWeights' rule arguments, with its own checks, before training.
+        AveragedWeights._check_rule(
+            mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn, None
+        )
         if variables is not None and not callable(variables):
             if not isinstance(variables, (list, tuple)):
                 raise TypeError(
@@ -303,6 +320,10 @@ class SWA(keras.callbacks.Callback):
         self.decay = decay
         self.include_non_trainable = include_non_trainable
         self.variables = variables
+        self.dynamic_decay = dynamic_decay
+        self.warmup_power = warmup_power
+        self.warmup_gamma = warmup_gamma
+        self.avg_fn = avg_fn
         self.nonfinite = nonfinite
         self.backup_dir = backup_dir
         self.backup_freq = backup_freq
@@ -525,6 +546,10 @@ class SWA(keras.callbacks.Callback):
                     decay=self.decay,
                     include_non_trainable=self.include_non_trainable,
                     nonfinite=self.nonfinite,
+                    dynamic_decay=self.dynamic_decay,
+                    warmup_power=self.warmup_power,
+                    warmup_gamma=self.warmup_gamma,
+                    avg_fn=self.avg_fn,
                     name="swa",
                 )
         if self.backup_dir is not None and self._backup is None:

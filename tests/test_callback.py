@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_swa.backend import IS_KERAS_3, keras
+from keras_swa.backend import IS_KERAS_3, keras, ops
 from keras_swa.callback import SWA
 
 N, BATCH = 64, 16  # 4 steps per epoch
@@ -280,6 +280,31 @@ def test_ema_mode_through_the_callback():
     _assert_weights(model, expected)
 
 
+def test_ema_warm_up_through_the_callback():
+    # tensorflow-addons' dynamic decay: min(decay, (1 + n) / (10 + n)), n = captures so far.
+    x, y = _data(8)
+    model = _dense_model()
+    rec = Recorder()
+    swa = SWA(mode="ema", decay=0.9, dynamic_decay=True, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=4, callbacks=[swa, rec], verbose=0)
+    snaps = [snap for _, _, snap in rec.epochs]
+    expected = snaps[0]
+    for n, s in enumerate(snaps[1:], start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * v for e, v in zip(expected, s)]
+    _assert_weights(model, expected)
+
+
+def test_custom_avg_fn_through_the_callback():
+    x, y = _data(8)
+    model = _dense_model()
+    rec = Recorder()
+    swa = SWA(avg_fn=lambda average, value, n: ops.maximum(average, value), verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[swa, rec], verbose=0)
+    snaps = [snap for _, _, snap in rec.epochs]
+    _assert_weights(model, [np.max(np.stack(vs), axis=0) for vs in zip(*snaps)])
+
+
 def test_optimizer_with_schedule_and_swa_lr_fails_before_training():
     x, y = _data()
     model = _dense_model()
@@ -324,6 +349,10 @@ def test_epoch_captures_do_not_override_batch_end_hook():
         ({"verbose": 2}, "`verbose` must be 0 or 1. Received: verbose=2"),
         ({"variables": []}, "variables=[]"),
         ({"nonfinite": "warn"}, "nonfinite='warn'"),
+        ({"dynamic_decay": True}, "dynamic_decay=True"),
+        ({"mode": "ema", "decay": 0.9, "warmup_gamma": 2.0}, "warmup_power=None"),
+        ({"avg_fn": 3}, "avg_fn=3"),
+        ({"mode": "ema", "decay": 0.9, "avg_fn": max}, "mode='ema', decay=0.9"),
         ({"backup_freq": 0}, "backup_freq=0"),
         ({"swa_validation_freq": 0}, "swa_validation_freq=0"),
     ],
