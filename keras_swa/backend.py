@@ -76,7 +76,7 @@ SUPPORTED_BACKENDS = {
     "SwapAveragedWeights": ("tensorflow",),
     "update_bn": ("tensorflow", "jax"),
     "average_checkpoints": ("tensorflow", "jax"),
-    "export_saved_model": ("tensorflow",),
+    "export_saved_model": ("tensorflow", "jax"),
     "schedules": ("tensorflow", "jax"),
 }
 

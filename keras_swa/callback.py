@@ -110,9 +110,8 @@ class SWA(keras.callbacks.Callback):
         bn_steps: number of batches of `bn_data` to use. Defaults to `None` (all of it).
         bn_batch_size: batch size for array `bn_data` (datasets are already batched).
             Defaults to `None` (`update_bn`'s default).
-        export_dir: if given, the final model is exported there as a SavedModel. Not on the
-            JAX backend yet (refused there with `NotImplementedError` when the callback is
-            created).
+        export_dir: if given, the final model is exported there as a SavedModel
+            (`keras_swa.export_saved_model`; on JAX it needs TensorFlow installed).
         overwrite_export: replace an existing SavedModel at `export_dir`. Defaults to `False`.
         mode: `"swa"` (equal-weight average) or `"ema"` (exponential moving average with
             `decay`, captured on the same cycle ends). Defaults to `"swa"`.

@@ -10,7 +10,8 @@ It uses the public export API of each Keras version (`keras.export.ExportArchive
 and tf_keras both provide) and adds what a deployment needs around it: the signature takes named
 inputs (the model's input names), and the model is written into a temporary directory next to
 `path` and renamed into place, so that `path` holds either nothing, the previous model or the
-complete new one, never a half-written one.
+complete new one, never a half-written one. On Keras 3's JAX backend the archive converts the
+model through jax2tf; the little that differs there is `keras_swa.backends.jax_export`.
 """
 
 import contextlib
@@ -101,6 +102,10 @@ def export_saved_model(
     """
     backend.require_backend("export_saved_model")
     _check_model(model)
+    if backend.backend_name() == "jax":
+        from keras_swa.backends.jax_export import prepare_export
+
+        prepare_export(model)
     if not isinstance(signature_name, str) or not signature_name.isidentifier():
         raise ValueError(
             "`signature_name` must be a non-empty string that is a valid Python identifier "

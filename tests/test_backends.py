@@ -15,7 +15,14 @@ from keras_swa.backend import keras
 
 # Entry points that run on JAX (the rest must refuse it). Written out by hand, not read from
 # keras_swa, so that a change of what is supported must change this test too.
-JAX_SUPPORTED = {"AveragedWeights", "SWA", "average_checkpoints", "schedules", "update_bn"}
+JAX_SUPPORTED = {
+    "AveragedWeights",
+    "SWA",
+    "average_checkpoints",
+    "export_saved_model",
+    "schedules",
+    "update_bn",
+}
 
 
 def _model():

@@ -1,7 +1,6 @@
 """Tests for the `keras_swa.SWA` callback: captures, learning rates and the end-of-training steps.
 
-Runs on TensorFlow (Keras 3 and tf_keras) and on JAX; the tests of what JAX does not run yet
-(`export_dir`, `SwapAveragedWeights`) are `tf_only`, and tests/test_jax_callback.py adds the
+Runs on TensorFlow (Keras 3 and tf_keras) and on JAX; tests/test_jax_callback.py adds the
 JAX-specific checks.
 
 Every expectation is computed independently: numpy means of weights recorded by a separate callback,
@@ -254,7 +253,6 @@ def test_steps_per_execution():
     assert [step for _, step, _ in swa.captures] == [4, 6, 8]
 
 
-@pytest.mark.tf_only("export_dir: export_saved_model is not ported to JAX yet")
 def test_export_at_the_end(tmp_path):
     x, y = _data(7)
     model = _bn_model()
@@ -264,7 +262,7 @@ def test_export_at_the_end(tmp_path):
     loaded = tf.saved_model.load(path)
     serve = loaded.signatures["serving_default"]
     out = list(serve(tf.constant(x[:8])).values())[0].numpy()
-    np.testing.assert_allclose(out, model(x[:8], training=False).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, np.asarray(model(x[:8], training=False)), rtol=1e-5, atol=1e-5)
 
 
 def test_ema_mode_through_the_callback():
@@ -396,7 +394,6 @@ def test_nonfinite_capture_skipped():
     assert int(swa.averaged.n_averaged.numpy()) == 0
 
 
-@pytest.mark.tf_only("export_dir: export_saved_model is not ported to JAX yet")
 def test_unusable_export_dir_fails_before_training(tmp_path):
     x, y = _data()
     model = _dense_model()

@@ -252,6 +252,31 @@ def test_signature_has_named_inputs_and_dynamic_batch(tmp_path):
     np.testing.assert_allclose(signature(fixed_batch=x)["output_0"], x @ w + b, atol=1e-5)
 
 
+def test_served_batch_size_is_dynamic(tmp_path):
+    # On JAX the serving function goes through jax2tf: the batch dimension must stay symbolic
+    # there too, so one SavedModel serves two different batch sizes (against numpy).
+    model = _bn_model(train=False)
+    path = export_saved_model(model, tmp_path / "m")
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    rng = np.random.default_rng(3)
+    for batch in (1, 7):
+        x = (rng.normal(size=(batch, 4)) * 3 + 2).astype("float32")
+        got = signature(features=x)["output_0"].numpy()
+        assert got.shape == (batch, 3)
+        np.testing.assert_allclose(got, _np_bn_model(model, x), atol=1e-4)
+
+
+@pytest.mark.jax_only
+@pytest.mark.parametrize("module", ["tensorflow", "jax.experimental.jax2tf"])
+def test_jax_without_tensorflow_says_what_to_install(tmp_path, monkeypatch, module):
+    model = _small_model()
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(ImportError, match="pip install tensorflow") as info:
+        export_saved_model(model, tmp_path / "model")
+    assert repr(module) in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_custom_signature_name_also_serving_default(tmp_path):
     model = _bn_model(train=False)
     path = export_saved_model(model, tmp_path / "m", signature_name="predict")

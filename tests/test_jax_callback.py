@@ -167,7 +167,7 @@ def test_steps_per_execution_step_captures_and_rate():
                   callbacks=[SWA(cycle_unit="step", cycle_length=3, verbose=0)])
 
 
-@pytest.mark.parametrize("argument", ["backup_dir", "export_dir"])
+@pytest.mark.parametrize("argument", ["backup_dir"])
 def test_arguments_not_ported_are_refused_by_name(argument, tmp_path):
     path = str(tmp_path / "swa")
     with pytest.raises(NotImplementedError) as info:
@@ -196,3 +196,45 @@ def test_a_keras_distribution_with_batchnorm_is_refused_before_training():
         keras.distribution.set_distribution(None)
     for b, v in zip(before, model.variables):
         np.testing.assert_array_equal(b, np.asarray(v.numpy()))
+
+
+def test_export_dir_serves_the_averaged_model_with_its_batchnorm_statistics(tmp_path):
+    # fit on JAX with SWA + bn_data + export_dir; the SavedModel (loaded with TensorFlow) must
+    # compute the model's predictions, and both must be the numpy forward pass of the numpy
+    # mean of the captures with numpy BatchNorm statistics, at two batch sizes.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(N, 5)) * 2.0 + 1.0).astype("float32")
+    y = (x @ rng.normal(size=(5, 1))).astype("float32")
+    inputs = keras.Input((5,), name="features")
+    h = keras.layers.Dense(6, name="dense_in")(inputs)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="bn")(h)
+    outputs = keras.layers.Dense(1, name="dense_out")(keras.layers.Activation("relu")(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    path = str(tmp_path / "export" / "swa_model")
+    swa = SWA(start_epoch=1, swa_lr=0.02, bn_data=x, bn_batch_size=N, export_dir=path, verbose=0)
+    rec = EpochRecorder()
+    model.fit(x, y, batch_size=BATCH, epochs=3, callbacks=[swa, rec], verbose=0)
+    assert [epoch for epoch, _, _ in swa.captures] == [1, 2]
+    _assert_model_is_mean(model, [rec.epochs[1], rec.epochs[2]])
+    # numpy: the averaged weights, BN statistics of the whole data (one batch of N), forward.
+    k_in, b_in, gamma, beta, k_out, b_out = (
+        np.mean([rec.epochs[e][i] for e in (1, 2)], axis=0) for i in range(6)
+    )
+    h = x.astype(np.float64) @ k_in + b_in
+    mean, var = h.mean(axis=0), h.var(axis=0)
+    epsilon = model.get_layer("bn").epsilon
+
+    def forward(batch):
+        z = batch.astype(np.float64) @ k_in + b_in
+        z = np.maximum(gamma * (z - mean) / np.sqrt(var + epsilon) + beta, 0.0)
+        return z @ k_out + b_out
+
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    for batch in (x[:3], x[10:27]):
+        served = serve(features=tf.constant(batch))["output_0"].numpy()
+        predicted = np.asarray(model.predict(batch, verbose=0))
+        np.testing.assert_allclose(served, predicted, atol=1e-5)
+        np.testing.assert_allclose(served, forward(batch), rtol=1e-4, atol=1e-4)
