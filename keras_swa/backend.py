@@ -73,7 +73,7 @@ SUPPORTED_BACKENDS = {
     "SWA": ("tensorflow", "jax"),
     "SWAG": ("tensorflow",),
     "FGE": ("tensorflow",),
-    "SwapAveragedWeights": ("tensorflow",),
+    "SwapAveragedWeights": ("tensorflow", "jax"),
     "update_bn": ("tensorflow", "jax"),
     "average_checkpoints": ("tensorflow", "jax"),
     "export_saved_model": ("tensorflow", "jax"),

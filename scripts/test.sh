@@ -31,10 +31,10 @@ TF_USE_LEGACY_KERAS=1 pytest "${XDIST[@]}" tests --ignore=tests/test_benchmarks_
   --ignore=tests/test_quickstart.py "$@"
 echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # The files that cover what runs on JAX today: AveragedWeights (against numpy), update_bn (its
-# tests less tf.distribute and synchronized BN, which are tf_only), the SWA callback (its tests
-# less SwapAveragedWeights, plus the JAX checks), the schedules, average_checkpoints of Keras
-# weights files, export_saved_model (through jax2tf), and the refusal of every entry point not
-# ported yet (docs/backends.md).
+# tests less tf.distribute and synchronized BN, which are tf_only), the SWA callback (its tests,
+# export_dir and SwapAveragedWeights included, plus the JAX checks), the schedules,
+# average_checkpoints of Keras weights files, export_saved_model (through jax2tf), and the
+# refusal of every entry point not ported yet (docs/backends.md).
 KERAS_BACKEND=jax pytest "${XDIST[@]}" tests/test_averaged_weights_jax.py tests/test_backends.py \
   tests/test_update_bn.py tests/test_callback.py tests/test_jax_callback.py \
   tests/test_schedules.py tests/test_average_checkpoints.py tests/test_export.py "$@"

@@ -18,6 +18,7 @@ from keras_swa.backend import keras
 JAX_SUPPORTED = {
     "AveragedWeights",
     "SWA",
+    "SwapAveragedWeights",
     "average_checkpoints",
     "export_saved_model",
     "schedules",

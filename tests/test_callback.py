@@ -457,7 +457,6 @@ def test_validation_of_the_average_leaves_training_bit_identical():
     assert "val_swa_mae" in history.history
 
 
-@pytest.mark.tf_only("SwapAveragedWeights is not ported to JAX yet")
 def test_swap_averaged_weights_for_model_checkpoint(tmp_path):
     from keras_swa.swap import SwapAveragedWeights
 
@@ -495,6 +494,61 @@ def test_swap_averaged_weights_for_model_checkpoint(tmp_path):
             np.testing.assert_array_equal(u, v)
     with pytest.raises(TypeError, match="swa="):
         SwapAveragedWeights("not a callback")
+
+
+def test_swap_with_bn_data_checkpoint_files_hold_the_average(tmp_path):
+    # SWA, SwapAveragedWeights(bn_data) and ModelCheckpoint in one fit: each epoch's file holds
+    # the numpy mean of the captures so far with numpy BatchNorm statistics for it, and the
+    # training trajectory (BN moving statistics included) is bit for bit the one without them.
+    from keras_swa.swap import SwapAveragedWeights
+
+    x, y = _data(16)
+    model = _bn_model()
+    initial = model.get_weights()
+
+    class AllWeights(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs.append([np.array(w, np.float64) for w in self.model.get_weights()])
+
+    rec = AllWeights()
+    swa = SWA(start_epoch=1, bn_data=x, verbose=0)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "swa-{epoch}.weights.h5"), save_weights_only=True
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+              callbacks=[swa, rec, SwapAveragedWeights(swa, bn_data=x, bn_batch_size=N),
+                         checkpoint])
+    # get_weights order: dense_in kernel, bias; bn gamma, beta, moving mean, moving variance;
+    # dense kernel, bias.
+    for epoch in range(4):
+        saved = _bn_model()
+        saved.load_weights(str(tmp_path / f"swa-{epoch + 1}.weights.h5"))
+        got = [np.asarray(w, np.float64) for w in saved.get_weights()]
+        if epoch == 0:  # nothing captured yet: the training weights
+            for g, e in zip(got, rec.epochs[0]):
+                np.testing.assert_array_equal(g, e)
+            continue
+        mean = [np.mean([rec.epochs[e][i] for e in range(1, epoch + 1)], axis=0)
+                for i in range(8)]
+        for i in (0, 1, 2, 3, 6, 7):
+            np.testing.assert_allclose(got[i], mean[i], rtol=1e-5, atol=1e-6)
+        h = x.astype(np.float64) @ mean[0] + mean[1]
+        np.testing.assert_allclose(got[4], h.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[5], h.var(axis=0), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(got[4], rec.epochs[epoch][4], atol=1e-3)  # BN was recomputed
+    keras.utils.set_random_seed(1234)
+    plain_model = _bn_model()
+    plain_model.set_weights(initial)
+    plain = AllWeights()
+    plain_model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+                    callbacks=[SWA(start_epoch=1, bn_data=x, verbose=0), plain])
+    for a, b in zip(plain.epochs, rec.epochs):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_constant_swa_lr_from_a_start_step():
@@ -657,7 +711,6 @@ def test_variables_average_only_the_selection(form):
     )
 
 
-@pytest.mark.tf_only("SwapAveragedWeights is not ported to JAX yet")
 def test_variables_subset_with_swap_averaged_weights():
     from keras_swa.swap import SwapAveragedWeights
 
