@@ -7,6 +7,8 @@ are written once. What cannot be shared lives here:
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
 - `keras_swa.backends.jax_batch_norm`: the compiled BatchNorm pass of `update_bn` (the forward
   pass in training mode inside `keras.StatelessScope`, under `jax.jit`).
+- `keras_swa.backends.jax_export`: what `export_saved_model` checks and syncs before Keras'
+  `ExportArchive` converts the model through jax2tf.
 
 The TensorFlow path (`tf.function(jit_compile=True)` per device under `tf.distribute`, the
 packed small averages, the checkpointed `tf.Variable`s) is in `keras_swa.averaged_weights`,
