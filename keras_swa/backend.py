@@ -83,7 +83,7 @@ SUPPORTED_BACKENDS = {
 # Arguments of an entry point that need more than the entry point itself runs on: refused, by
 # name, where they would not work (`require_argument_backend`), never silently ignored.
 SUPPORTED_ARGUMENT_BACKENDS = {
-    ("SWA", "backup_dir"): ("tensorflow",),
+    ("SWA", "backup_dir"): ("tensorflow", "jax"),
     ("SWA", "export_dir"): SUPPORTED_BACKENDS["export_saved_model"],
 }
 
