@@ -167,7 +167,7 @@ def test_steps_per_execution_step_captures_and_rate():
                   callbacks=[SWA(cycle_unit="step", cycle_length=3, verbose=0)])
 
 
-@pytest.mark.parametrize("argument", ["backup_dir", "export_dir"])
+@pytest.mark.parametrize("argument", ["export_dir"])  # backup_dir: tests/test_backup_files.py
 def test_arguments_not_ported_are_refused_by_name(argument, tmp_path):
     path = str(tmp_path / "swa")
     with pytest.raises(NotImplementedError) as info:
