@@ -248,3 +248,49 @@ def test_the_callback_refuses_a_tensorflow_backup_before_training(tmp_path):
         _fit(model, tmp_path / "backup")
     for b, v in zip(before, model.weights):
         np.testing.assert_array_equal(b, np.asarray(v.numpy()))
+
+
+@pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3's BackupAndRestore")
+def test_step_backups_resume_the_pair_of_the_restored_step(tmp_path):
+    """backup_freq=2 with BackupAndRestore(save_freq=2), a capture every step from step 4: a fit
+    stopped at step 11 resumes at step 10 with the mean of the weights of steps 5..10."""
+    x = np.random.default_rng(1).normal(size=(32, 3)).astype("float32")
+    y = np.zeros((32, 2), "float32")
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    backup_dir = str(tmp_path / "backup")
+    weights = {}  # optimizer step -> NumPy copies of the weights after it
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            weights[step] = [np.array(v.numpy()) for v in self.model.weights]
+            if step == 11:
+                raise RuntimeError("stop")
+
+    def callbacks(*extra):
+        swa = keras_swa.SWA(start_step=4, cycle_unit="step", swa_lr=0.05,
+                            backup_dir=backup_dir, backup_freq=2, verbose=0)
+        return swa, [swa, *extra, keras.callbacks.BackupAndRestore(backup_dir, save_freq=2)]
+
+    swa, first = callbacks(Stop())
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=first)
+    assert [c[1] for c in swa.captures] == [5, 6, 7, 8, 9, 10, 11]
+    restored = {}
+
+    class Check(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if not restored:
+                restored["step"] = int(self.model.optimizer.iterations.numpy())
+                restored["n"] = int(swa2.averaged.n_averaged.numpy())
+                restored["averages"] = [np.array(a) for a in swa2.averaged.averages]
+
+    swa2, second = callbacks()
+    second.insert(1, Check())
+    model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=second)
+    assert restored["step"] == 10 and restored["n"] == 6
+    for i, got in enumerate(restored["averages"]):
+        want = np.mean([weights[step][i] for step in range(5, 11)], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert [c[1] for c in swa2.captures][:6] == [5, 6, 7, 8, 9, 10]
