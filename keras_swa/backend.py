@@ -83,7 +83,7 @@ SUPPORTED_BACKENDS = {
 # Arguments of an entry point that need more than the entry point itself runs on: refused, by
 # name, where they would not work (`require_argument_backend`), never silently ignored.
 SUPPORTED_ARGUMENT_BACKENDS = {
-    ("SWA", "backup_dir"): ("tensorflow",),
+    ("SWA", "backup_dir"): ("tensorflow", "jax"),
     ("SWA", "export_dir"): SUPPORTED_BACKENDS["export_saved_model"],
 }
 
@@ -143,11 +143,11 @@ def require_argument_backend(entry_point, argument, value, backend=None):
 
     Example:
 
-    >>> require_argument_backend("SWA", "backup_dir", None, backend="jax")  # not given
-    >>> require_argument_backend("SWA", "backup_dir", "/tmp/swa", backend="jax")
+    >>> require_argument_backend("SWA", "backup_dir", None, backend="torch")  # not given
+    >>> require_argument_backend("SWA", "backup_dir", "/tmp/swa", backend="torch")
     Traceback (most recent call last):
     ...
-    NotImplementedError: keras_swa.SWA(backup_dir=...) does not support the 'jax' Keras backend...
+    NotImplementedError: keras_swa.SWA(backup_dir=...) does not support the 'torch' Keras backend...
     """
     if value is None:
         return

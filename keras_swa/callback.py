@@ -20,6 +20,7 @@ from keras_swa import backend
 from keras_swa.averaged_weights import _MODES, _NONFINITE, AveragedWeights
 from keras_swa.backend import keras
 from keras_swa.backup import StateBackup
+from keras_swa.backup_files import FileStateBackup
 from keras_swa.batch_norm import update_bn
 from keras_swa.distribution import find_strategy
 from keras_swa.export import export_saved_model
@@ -131,7 +132,8 @@ class SWA(keras.callbacks.Callback):
             MultiWorkerMirroredStrategy, as with BackupAndRestore, only the chief writes it
             (the other workers write a temporary folder beside it and delete it) and every
             worker restores from it, so it must be on storage that all workers can read.
-            Not on the JAX backend yet (refused there when the callback is created).
+            On JAX the state is a `.weights.h5` file plus a JSON file per saved step
+            (`keras_swa.backup_files`) instead of a TensorFlow checkpoint.
             Defaults to `None` (no state saved).
         backup_freq: `"epoch"` or a positive int number of steps, as BackupAndRestore's
             `save_freq`. Defaults to `"epoch"`.
@@ -442,6 +444,13 @@ class SWA(keras.callbacks.Callback):
             f"n_averaged={int(self.averaged.n_averaged.numpy())}."
         )
 
+    def _make_backup(self, model):
+        """The backup of SWA's state for this backend: TensorFlow checkpoints on TensorFlow
+        (`keras_swa.backup`), `.weights.h5` + JSON files elsewhere (`keras_swa.backup_files`)."""
+        if backend.backend_name() == "tensorflow":
+            return StateBackup(self.backup_dir, self.averaged, strategy=find_strategy(model))
+        return FileStateBackup(self.backup_dir, self.averaged)
+
     def _save_state(self):
         if self._backup is not None:
             self._backup.save(self._iterations(), self._state())
@@ -552,9 +561,7 @@ class SWA(keras.callbacks.Callback):
                     name="swa",
                 )
         if self.backup_dir is not None and self._backup is None:
-            self._backup = StateBackup(
-                self.backup_dir, self.averaged, strategy=find_strategy(model)
-            )
+            self._backup = self._make_backup(model)
         self._restored = False
         self._check_export_dir()
 

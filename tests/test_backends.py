@@ -111,6 +111,19 @@ def test_entry_point_refuses_torch(name, tmp_path, monkeypatch):
         _make(name, tmp_path)
 
 
+# Arguments that run on JAX, written out by hand as JAX_SUPPORTED is.
+JAX_ARGUMENTS = {("SWA", "backup_dir"), ("SWA", "export_dir")}
+
+
+def test_argument_backends_on_jax():
+    for key, backends in backend.SUPPORTED_ARGUMENT_BACKENDS.items():
+        assert "tensorflow" in backends, key
+        assert ("jax" in backends) == (key in JAX_ARGUMENTS), key
+    backend.require_argument_backend("SWA", "backup_dir", "/tmp/swa", backend="jax")
+    with pytest.raises(NotImplementedError, match=r"Received: backup_dir='/tmp/swa'"):
+        backend.require_argument_backend("SWA", "backup_dir", "/tmp/swa", backend="torch")
+
+
 def test_require_backend_message():
     backend.require_backend("AveragedWeights", backend="tensorflow")
     with pytest.raises(NotImplementedError) as info:

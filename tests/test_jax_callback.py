@@ -167,17 +167,6 @@ def test_steps_per_execution_step_captures_and_rate():
                   callbacks=[SWA(cycle_unit="step", cycle_length=3, verbose=0)])
 
 
-@pytest.mark.parametrize("argument", ["backup_dir"])
-def test_arguments_not_ported_are_refused_by_name(argument, tmp_path):
-    path = str(tmp_path / "swa")
-    with pytest.raises(NotImplementedError) as info:
-        SWA(start_epoch=1, **{argument: path})
-    message = str(info.value)
-    assert f"keras_swa.SWA({argument}=...)" in message
-    assert f"Received: {argument}={path!r}, backend='jax'" in message
-    assert not (tmp_path / "swa").exists()
-
-
 def test_a_keras_distribution_with_batchnorm_is_refused_before_training():
     import jax
 

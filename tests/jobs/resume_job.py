@@ -3,10 +3,12 @@
     python tests/jobs/resume_job.py WORK_DIR [--kill WHERE] [--legacy]
 
 Trains a small BatchNorm model with keras_swa.SWA + BackupAndRestore (both using WORK_DIR/backup),
-exports to WORK_DIR/model and writes the final weights and SWA count to WORK_DIR/result.npz.
+exports to WORK_DIR/model (on backends where `export_dir` runs) and writes the final weights and
+SWA count to WORK_DIR/result.npz.
 `--kill` makes the process SIGKILL itself at one point: `mid_epoch` (epoch 3, batch 2),
 `after_capture` (end of epoch 3, after SWA captured and saved, before BackupAndRestore saved),
 `bn_pass` (inside the final BatchNorm pass), `export` (while the SavedModel is being written).
+The Keras backend is the environment's (`KERAS_BACKEND`), as for any Keras program.
 """
 
 import os
@@ -21,7 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_swa.callback as swa_callback  # noqa: E402
-from keras_swa.backend import keras  # noqa: E402
+from keras_swa.backend import SUPPORTED_ARGUMENT_BACKENDS, backend_name, keras  # noqa: E402
 
 
 def _die():
@@ -78,10 +80,13 @@ def main():
     model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Activation("tanh")(h)))
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
     backup = os.path.join(work, "backup")
+    # Export where the backend runs it (the job also runs on JAX, where `export_dir` may not).
+    exports = backend_name() in SUPPORTED_ARGUMENT_BACKENDS[("SWA", "export_dir")]
     callbacks = [
         swa_callback.SWA(
             start_epoch=2, swa_lr=0.02, bn_data=x, bn_batch_size=32,
-            export_dir=os.path.join(work, "model"), backup_dir=backup, verbose=0,
+            export_dir=os.path.join(work, "model") if exports else None,
+            backup_dir=backup, verbose=0,
         ),
     ]
     if kill in ("mid_epoch", "after_capture"):
