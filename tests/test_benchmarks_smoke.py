@@ -55,7 +55,8 @@ def _run_benchmark(module, tmp_path, *args):
     return output_dir
 
 
-def _check_files(output_dir, name):
+def _check_files(output_dir, name, module=None):
+    """Checks NAME.{json,md,png}; `module` is the script that wrote them (default: `name`)."""
     paths = {ext: output_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0, path
@@ -66,7 +67,7 @@ def _check_files(output_dir, name):
     for key in ("benchmark", "command", "date", "machine", "versions", "config", "results"):
         assert key in payload, key
     assert payload["benchmark"] == name
-    assert payload["command"].startswith(f"python -m benchmarks.{name} --quick")
+    assert payload["command"].startswith(f"python -m benchmarks.{module or name} --quick")
     assert payload["machine"]["cpu_count"] == os.cpu_count()
     for key in ("tensorflow", "keras", "keras_flavour", "numpy", "python"):
         assert payload["versions"][key], key
@@ -146,6 +147,48 @@ def test_averaging_benchmark_quick_with_mirrored_replicas(tmp_path):
     assert payload["config"]["replica_devices"] == ["/cpu:0", "/cpu:1"]
     assert payload["config"]["num_tensors"] == 4
     assert any("MirroredStrategy rows" in note for note in payload["notes"])
+
+
+def test_averaging_benchmark_quick_on_jax(tmp_path):
+    # `--backend=jax` sets KERAS_BACKEND before Keras is imported, even when the environment
+    # says otherwise, and writes its own files next to (not over) the TensorFlow run's.
+    output_dir = _run_benchmark(
+        "benchmarks.averaging_benchmark",
+        tmp_path,
+        "--backend=jax",
+        "--repeats",
+        "2",
+        "--quick_num_tensors=4",
+    )
+    payload, table = _check_files(output_dir, "averaging_benchmark_jax", "averaging_benchmark")
+    assert not (output_dir / "averaging_benchmark.json").exists()
+    assert payload["benchmark"] == "averaging_benchmark_jax"
+    assert payload["config"]["backend"] == "jax" and payload["versions"]["jax"]
+    assert payload["config"]["num_tensors"] == 4
+    results = {r["name"]: r for r in payload["results"]}
+    floor = "floor: one flat jit lerp (JAX/XLA, donated)"
+    product = "keras_swa AveragedWeights.update()"
+    no_check = 'keras_swa AveragedWeights(nonfinite="ignore").update()'
+    for name in (product, no_check, floor):
+        assert name in results and name in table
+        assert len(results[name]["timings_s"]) == 2
+        assert results[name]["median_ms"] > 0
+    assert results[floor]["ratio_to_floor"] == 1.0
+    assert "naive per-variable tf.function loop" not in results
+    targets = {t["name"]: t for t in payload["targets"]}
+    assert set(targets) == {
+        "product within 1.5x of the floor",
+        'product with nonfinite="ignore" within 1.2x of the floor',
+        'product with nonfinite="ignore" no slower than torch foreach',
+    }
+    assert targets["product within 1.5x of the floor"]["met"] in (True, False)
+
+
+def test_averaging_benchmark_refuses_mirrored_replicas_on_jax(tmp_path):
+    with pytest.raises(AssertionError, match="runs on TensorFlow only"):
+        _run_benchmark(
+            "benchmarks.averaging_benchmark", tmp_path, "--backend=jax", "--num_replicas=2"
+        )
 
 
 def test_multi_worker_benchmark_quick(tmp_path):
