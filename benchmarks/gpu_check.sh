@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The JAX averaging benchmark (issue 13) on a machine with JAX + CUDA. Not run in CI.
+#
+#   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # from the repository root, under 5 minutes
+#
+# Figures go to OUTPUT_DIR (default: $OUT if set, else benchmarks/results/gpu). With TensorFlow
+# installed it runs `python -m benchmarks.averaging_benchmark --backend=jax` (keras_swa's rows,
+# the donated flat-lerp floor, torch's rows on CUDA if torch is there). keras_swa itself imports
+# TensorFlow (keras_swa/backend.py), so WITHOUT TensorFlow it says so and times only what runs
+# without keras_swa: the same floor, and keras_swa's update rebuilt in pure JAX (one donated
+# jax.jit over the per-tensor averages, with and without the NaN/Inf check), written to
+# OUTPUT_DIR/gpu_check_pure_jax.{json,md}. PYTHON picks the interpreter (default: python).
+set -u
+PYTHON=${PYTHON:-python}
+OUTPUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+mkdir -p "$OUTPUT_DIR"
+export KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2
+
+echo "== JAX devices"
+"$PYTHON" -c "import jax; print(jax.__version__, jax.devices())" || exit 1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
+
+if "$PYTHON" -c "import tensorflow, keras_swa" 2>/dev/null; then
+  echo "== keras_swa imports: full JAX averaging benchmark"
+  timeout 270 "$PYTHON" -m benchmarks.averaging_benchmark --backend=jax \
+    --output_dir "$OUTPUT_DIR"
+  exit $?
+fi
+
+echo "== keras_swa does NOT import here: TensorFlow is missing (keras_swa/backend.py imports it"
+echo "   at the top), so there are no keras_swa rows. Timing only the floor and a pure-JAX"
+echo "   rebuild of keras_swa's update."
+timeout 270 "$PYTHON" - "$OUTPUT_DIR" <<'PYEOF'
+import functools, json, os, statistics, sys, time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+out_dir = sys.argv[1]
+try:
+    import keras
+
+    model = keras.applications.ResNet50(weights=None)
+    shapes = [tuple(int(d) for d in w.shape) for w in model.trainable_weights]
+    del model
+except Exception as e:  # no Keras: the sizes alone (ResNet-50 has 25,583,592 trainable floats)
+    print(f"ResNet-50 shapes unavailable ({e}); one tensor of ResNet-50's size instead")
+    shapes = [(25_583_592,)]
+rng = np.random.default_rng(0)
+arrays = [jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+num_floats = sum(int(a.size) for a in arrays)
+
+
+def lerp(average, w, n):
+    return average + (w - average) / (n + 1.0)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def flat_step(average, n, w):
+    return lerp(average, w, n), n + 1.0
+
+
+def multi(check):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(averages, n, ws):
+        ok = jnp.asarray(True)
+        if check:  # keras_swa's fast test: the float32 total of the sums is finite
+            ok = jnp.isfinite(sum(jnp.sum(w) for w in ws))
+        new = [jnp.where(ok, lerp(a, w, n), a) for a, w in zip(averages, ws)]
+        return new, jnp.where(ok, n + 1.0, n)
+
+    state = {"a": [jnp.zeros_like(w) for w in arrays], "n": jnp.zeros([], jnp.float32)}
+
+    def run():
+        state["a"], state["n"] = step(state["a"], state["n"], arrays)
+        jax.block_until_ready(state["a"])
+
+    return run
+
+
+def floor():
+    w = jnp.concatenate([a.ravel() for a in arrays])
+    state = {"a": jnp.zeros_like(w), "n": jnp.zeros([], jnp.float32)}
+
+    def run():
+        state["a"], state["n"] = flat_step(state["a"], state["n"], w)
+        jax.block_until_ready(state["a"])
+
+    return run
+
+
+FLOOR = "floor: one flat jit lerp (JAX/XLA, donated)"
+variants = {
+    FLOOR: floor(),
+    "pure JAX multi-tensor update, NaN/Inf check (keras_swa's program, no keras_swa)": multi(True),
+    "pure JAX multi-tensor update, no check (nonfinite=ignore's program)": multi(False),
+}
+names = list(variants)
+repeats, warmup = 100, 10
+times = {k: [] for k in names}
+for r in range(warmup + repeats):  # interleaved rounds, rotating start, as the benchmark
+    for k in names[r % len(names):] + names[: r % len(names)]:
+        start = time.perf_counter()
+        variants[k]()
+        if r >= warmup:
+            times[k].append(time.perf_counter() - start)
+rows = []
+for k in names:
+    ratio = statistics.median(a / b for a, b in zip(times[k], times[FLOOR]))
+    rows.append({"name": k, "median_ms": statistics.median(times[k]) * 1e3,
+                 "min_ms": min(times[k]) * 1e3, "ratio_to_floor": ratio})
+lines = [f"# Pure-JAX averaging check (no TensorFlow, no keras_swa): {len(shapes)} tensors, "
+         f"{num_floats:,} floats, {jax.devices()[0]}", "",
+         f"{repeats} interleaved rounds after {warmup}; ratios are medians of per-round ratios.",
+         "", "| variant | ms (median) | min ms | x floor |", "| --- | --- | --- | --- |"]
+lines += [f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['ratio_to_floor']:.2f} |"
+          for r in rows]
+print("\n".join(lines))
+payload = {"benchmark": "gpu_check_pure_jax", "jax": jax.__version__,
+           "device": str(jax.devices()[0]), "num_tensors": len(shapes), "num_floats": num_floats,
+           "repeats": repeats, "warmup": warmup, "results": rows,
+           "timings_s": times}
+with open(os.path.join(out_dir, "gpu_check_pure_jax.json"), "w") as f:
+    json.dump(payload, f, indent=2)
+with open(os.path.join(out_dir, "gpu_check_pure_jax.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+print(f"Wrote {out_dir}/gpu_check_pure_jax.{{json,md}}")
+PYEOF
