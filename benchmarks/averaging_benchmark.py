@@ -561,6 +561,15 @@ def main(_):
         f"{machine.get('load_average_at_start')} at the start); minimums approximate the "
         "uncontended cost. torch's OpenMP threads slow down most when the cores are shared."
     )
+    load = [machine.get("load_average_at_start"), bench.machine_info().get("load_average_at_start")]
+    busiest = max((max(x) for x in load if x), default=0.0)
+    if busiest > machine["cpu_count"]:
+        notes.append(
+            f"the machine was busy during this run (load average up to {busiest} on "
+            f"{machine['cpu_count']} CPUs, from other processes): absolute times are noisy and "
+            "the medians are inflated; the ratios, measured side by side in the same rounds, "
+            "stay meaningful."
+        )
     lines.extend(f"- note: {n}" for n in notes)
     table = "\n".join(lines)
     print(table)
