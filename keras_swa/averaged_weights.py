@@ -200,6 +200,7 @@ class AveragedWeights(tf.Module):
         if backend.backend_name() == "jax":
             from keras_swa.backends import jax as jax_backend
 
+            distribution.check_keras_distribution("keras_swa.AveragedWeights")
             model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
             self._jax = jax_backend.Averages(
                 variables, self._rule(), check=nonfinite != "ignore", model=model
@@ -798,9 +799,7 @@ class AveragedWeights(tf.Module):
     def _restore(self, values, count):
         """Writes checked averages (fp32 NumPy arrays, tracked order) and the count."""
         if self._jax is not None:
-            for average, value in zip(self._jax.averages, values):
-                average.assign(value)
-            self._jax.count.assign(np.asarray(count, self._jax.count.dtype))
+            self._jax.restore(values, count)
             return
         layout = self._layout
         for average, i in zip(self._own_averages, layout.own):

@@ -1,14 +1,24 @@
-"""Which `tf.distribute` strategy keras_swa's state and passes run under.
+"""Which distribution keras_swa's state and passes run under.
 
-One rule for `AveragedWeights` (and so `SWA`, `SWAG`) and `update_bn`: the strategy in scope,
-else the one the model was built under (`model.distribute_strategy`), else the default one.
-ParameterServerStrategy is refused: its workers update the variables asynchronously, so there is
-no one set of weights per step to average and no one pass whose statistics could be combined.
+On TensorFlow (tf_keras included), one rule for `AveragedWeights` (and so `SWA`, `SWAG`) and
+`update_bn`: the `tf.distribute` strategy in scope, else the one the model was built under
+(`model.distribute_strategy`), else the default one. ParameterServerStrategy is refused: its
+workers update the variables asynchronously, so there is no one set of weights per step to
+average and no one pass whose statistics could be combined.
+
+On Keras 3's JAX backend the distribution is `keras.distribution.distribution()`, the one set
+with `keras.distribution.set_distribution` or a `Distribution.scope()`. None, or a
+`keras.distribution.DataParallel` in one process, is supported (`check_keras_distribution`):
+the variables are replicated and the batch is sharded, so the averages are replicated like the
+variables and `update_bn`'s statistics are reduced over the whole batch by XLA. Anything else
+(`ModelParallel`, several processes) is refused until it is tested.
 """
 
 import tensorflow as tf
 
-__all__ = ["check_strategy", "find_strategy"]
+from keras_swa.backend import keras
+
+__all__ = ["check_keras_distribution", "check_strategy", "find_strategy"]
 
 
 def find_strategy(model_or_variables):
@@ -39,3 +49,35 @@ def check_strategy(strategy, what):
             f"MultiWorkerMirroredStrategy. Received: strategy={type(strategy).__name__}"
         )
     return strategy
+
+
+def check_keras_distribution(what):
+    """The `keras.distribution` in effect (`None` or a `DataParallel`), else a clear error.
+
+    Args:
+        what: the entry point, named in the error (e.g. `"keras_swa.update_bn"`).
+
+    Raises:
+        NotImplementedError: for a distribution other than `DataParallel` (its variables may
+            be sharded: not tested), or a `DataParallel` over several processes (each process
+            holds only its share of the data: not tested).
+    """
+    current = keras.distribution.distribution()
+    if current is None:
+        return None
+    if not isinstance(current, keras.distribution.DataParallel):
+        raise NotImplementedError(
+            f"{what} on the 'jax' Keras backend supports keras.distribution.DataParallel "
+            "(replicated variables, sharded batch) and no distribution; other layouts have not "
+            "been tested. Unset it (keras.distribution.set_distribution(None)) or use "
+            f"DataParallel. Received: distribution={type(current).__name__}"
+        )
+    import jax
+
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{what} supports keras.distribution.DataParallel within one process; several "
+            "processes (keras.distribution.initialize) have not been tested. "
+            f"Received: process_count={jax.process_count()}"
+        )
+    return current

@@ -24,6 +24,12 @@ JAX specifics this module follows:
   values overflow the sum; only then does the exact per-element test run (`lax.cond`). A refused
   capture leaves every average and the count bit for bit as they were (`where(ok, new, old)`,
   fused into the update's loop).
+- Under a `keras.distribution.DataParallel` (`keras_swa.distribution.check_keras_distribution`)
+  the variables are replicated over the mesh. Each average is placed with its variable's
+  sharding and the count replicated over the same devices, whether or not the distribution is
+  still in effect when the averages are made; reset and restored values keep those placements.
+  The inputs' shardings are then the same at every call, so the update is traced once, and the
+  donated buffers are reused in place on every device.
 """
 
 import jax
@@ -32,7 +38,7 @@ import numpy as np
 
 from keras_swa.backend import keras
 
-__all__ = ["Averages", "copy_as", "count_dtype", "sync"]
+__all__ = ["Averages", "copy_as", "count_dtype", "replicated_like", "sync"]
 
 
 def count_dtype():
@@ -43,6 +49,25 @@ def count_dtype():
 def copy_as(value, dtype):
     """A new array holding `value` in `dtype` (never `value`'s own buffer, see the module doc)."""
     return jnp.array(value, dtype=dtype, copy=True)
+
+
+def replicated_like(array):
+    """The sharding that replicates a scalar over the devices holding `array`, in their order."""
+    sharding = array.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise NotImplementedError(
+        "keras_swa places its state with the variables' shardings, which Keras makes "
+        "NamedSharding (under a keras.distribution) or SingleDeviceSharding. "
+        f"Received: sharding={sharding!r}"
+    )
+
+
+def _placed(value, sharding):
+    """`value` (NumPy) as a `jax.Array` placed with `sharding`."""
+    return jax.device_put(value, sharding)
 
 
 def sync(model):
@@ -93,16 +118,35 @@ class Averages:
         self.model = model
         self._rule = rule
         self._check = bool(check)
+        sync(model)
+        values = [v.value for v in self._variables]
         self.averages = [
             keras.Variable(
-                np.zeros(tuple(v.shape), np.float32),
+                _placed(np.zeros(tuple(v.shape), np.float32), value.sharding),
                 dtype="float32",
                 trainable=False,
                 name=f"average_{i}",
             )
-            for i, v in enumerate(self._variables)
+            for i, (v, value) in enumerate(zip(self._variables, values))
         ]
-        self.count = keras.Variable(0, dtype=count_dtype(), trainable=False, name="n_averaged")
+        self.count = keras.Variable(
+            _placed(np.zeros([], count_dtype()), replicated_like(values[0])),
+            dtype=count_dtype(),
+            trainable=False,
+            name="n_averaged",
+        )
+        for i, (average, value) in enumerate(zip(self.averages, values)):
+            # A distribution set after the model was built would lay the averages out apart
+            # from their variables: every update would move them (or fail).
+            if not average.value.sharding.is_equivalent_to(value.sharding, value.ndim):
+                raise ValueError(
+                    f"The average of variable {i} ({getattr(self._variables[i], 'path', '')!r}) "
+                    "would be placed apart from the variable: the model was built outside the "
+                    "keras.distribution now in effect. Build the model under the distribution "
+                    "(or create the averages without it). "
+                    f"Received: variable sharding={value.sharding}, "
+                    f"average sharding={average.value.sharding}"
+                )
         self.count_limit = int(np.iinfo(count_dtype()).max)
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0
@@ -159,8 +203,12 @@ class Averages:
         """Copies of the averages, float32 `jax.Array`s in the order of the tracked variables."""
         return [copy_as(a.value, jnp.float32) for a in self.averages]
 
+    def restore(self, values, count):
+        """Writes `values` (float32 NumPy arrays, tracked order) and `count`, placed as before."""
+        for average, value in zip(self.averages, values):
+            average.assign(_placed(np.asarray(value, np.float32), average.value.sharding))
+        self.count.assign(_placed(np.asarray(count, count_dtype()), self.count.value.sharding))
+
     def reset(self):
         """Zeroes every average and the count."""
-        for average in self.averages:
-            average.assign(jnp.zeros(average.shape, jnp.float32))
-        self.count.assign(jnp.zeros([], count_dtype()))
+        self.restore([np.zeros(tuple(a.shape), np.float32) for a in self.averages], 0)

@@ -22,6 +22,14 @@ How, with public Keras 3 APIs only:
   `keras_swa.backends.jax.sync` (during `fit` the trainer keeps the state outside the variables).
 - A statistic the pass never assigns (a BN layer the forward pass does not call) is known when
   the program is traced; it keeps its value bit for bit.
+- Under a `keras.distribution.DataParallel` (`check_distribution`) each batch is sharded over
+  the mesh as `fit` shards it (`Distribution.get_data_layout`, `keras.distribution.
+  distribute_tensor`); the variables are replicated. The batch mean and variance the BN layer
+  computes inside the compiled program are then reductions over the whole batch (XLA inserts
+  the cross-device sums), so the statistics are those of the single-device pass, up to the
+  order of summation. A batch whose size the mesh does not divide (an uneven last batch) is
+  replicated instead: every device computes the same statistics of all of it. The sums live
+  replicated on the same devices, so every call has the same input shardings.
 """
 
 import weakref
@@ -31,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import batch_norm
+from keras_swa import batch_norm, distribution
 from keras_swa.backend import keras
-from keras_swa.backends.jax import sync
+from keras_swa.backends.jax import replicated_like, sync
 
 __all__ = ["check_distribution", "host_arrays", "recompute"]
 
@@ -43,15 +51,8 @@ _PASSES = weakref.WeakKeyDictionary()
 
 
 def check_distribution():
-    """Refuses a `keras.distribution` in effect: the pass has not been tested under one."""
-    distribution = keras.distribution.distribution()
-    if distribution is not None:
-        raise NotImplementedError(
-            "keras_swa.update_bn on the 'jax' Keras backend does not support a "
-            "keras.distribution yet (its pass has not been checked with sharded variables). "
-            "Call it without a distribution set. "
-            f"Received: distribution={type(distribution).__name__}"
-        )
+    """The `keras.distribution` in effect: `None` or a `DataParallel`, else a clear error."""
+    return distribution.check_keras_distribution("keras_swa.update_bn")
 
 
 def host_arrays(data):
@@ -71,18 +72,41 @@ def _as_numpy(x):
     return tf.nest.map_structure(np.asarray, x)
 
 
+def _shard(x, current):
+    """`x` sharded over `current`'s batch axis as `fit` shards it, if the mesh divides it.
+
+    A batch the mesh does not divide evenly is left to the compiled program, which replicates
+    it like the variables: the statistics stay those of the whole batch.
+    """
+    if current is None:
+        return x
+    mesh = current.device_mesh
+    shards = int(mesh.shape[list(mesh.axis_names).index(current.batch_dim_name)])
+
+    def shard(leaf):
+        if leaf.ndim == 0 or leaf.shape[0] % shards:
+            return leaf
+        return keras.distribution.distribute_tensor(leaf, current.get_data_layout(leaf.shape))
+
+    return tf.nest.map_structure(shard, x)
+
+
 def recompute(model, layers, batches, data, steps, progbar, call_fn):
     """The pass and the new statistics; returns the number of samples (see `update_bn`)."""
+    current = check_distribution()
     sync(model)
     stats = [var for layer in layers for var in batch_norm._statistics(layer)]
     compiled = _compiled_pass(model, stats, call_fn)
     inputs = [var.value for var in compiled.inputs]  # read now: never kept across calls
     size = sum(int(np.prod(var.shape)) for var in stats)
+    # The sums live where the model does (replicated over a distribution's mesh).
+    placement = replicated_like(stats[0].value)
     momenta = [layer.momentum for layer in layers]
     try:
         for layer in layers:
             layer.momentum = 0.0
-        sums, compensations = jnp.zeros([size], jnp.float32), jnp.zeros([size], jnp.float32)
+        sums = jax.device_put(np.zeros([size], np.float32), placement)
+        compensations = jax.device_put(np.zeros([size], np.float32), placement)
         assigned = None
         seen = 0
         num_steps = 0
@@ -92,7 +116,7 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
                 continue
             try:
                 sums, compensations, assigned = compiled.step(
-                    inputs, _as_numpy(x), jnp.float32(n), sums, compensations
+                    inputs, _shard(_as_numpy(x), current), jnp.float32(n), sums, compensations
                 )
             except (ValueError, TypeError, KeyError) as e:
                 raise batch_norm._pass_error(call_fn, num_steps + 1, x, data, e) from e
@@ -112,7 +136,8 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
         count = int(np.prod(var.shape))
         if was_assigned:
             average = totals[offset : offset + count].reshape(tuple(var.shape)) / np.float32(seen)
-            var.assign(jnp.asarray(average, dtype=var.dtype))
+            # Placed as the statistic was, with or without the distribution in effect now.
+            var.assign(jax.device_put(jnp.asarray(average, var.dtype), var.value.sharding))
         offset += count
     return seen
 
