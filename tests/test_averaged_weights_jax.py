@@ -416,3 +416,17 @@ def test_refused_load_leaves_the_state(tmp_path):
     if not jax.config.jax_enable_x64:  # an int32 count cannot hold it
         with pytest.raises(ValueError, match="n_averaged=array"):
             AveragedWeights(_model()).load_own_variables(store)
+
+
+def test_a_model_parallel_distribution_is_refused():
+    # DataParallel runs (tests/test_data_parallel.py, on 2 devices); other layouts are untested.
+    model = _model()
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], devices=jax.devices()[:1])
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh))
+    )
+    try:
+        with pytest.raises(NotImplementedError, match="Received: distribution=ModelParallel"):
+            AveragedWeights(model)
+    finally:
+        keras.distribution.set_distribution(None)

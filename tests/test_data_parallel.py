@@ -103,6 +103,10 @@ def test_averages_made_after_the_distribution_is_unset_stay_with_the_variables(j
     assert job["aw_late_devices"].tolist() == [[2, 1]] * 10
 
 
+def test_averages_of_a_model_built_outside_the_distribution_are_refused(job):
+    assert "built outside the keras.distribution" in str(job["aw_mixed_error"])
+
+
 # ------------------------------------------------------------------ update_bn
 
 

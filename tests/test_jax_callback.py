@@ -167,7 +167,8 @@ def test_steps_per_execution_step_captures_and_rate():
                   callbacks=[SWA(cycle_unit="step", cycle_length=3, verbose=0)])
 
 
-def test_a_keras_distribution_with_batchnorm_is_refused_before_training():
+def test_a_model_parallel_distribution_with_batchnorm_is_refused_before_training():
+    # DataParallel runs (tests/test_data_parallel.py, on 2 devices); other layouts are untested.
     import jax
 
     x = np.ones((N, 5), "float32")
@@ -176,9 +177,12 @@ def test_a_keras_distribution_with_batchnorm_is_refused_before_training():
     )
     model.compile(keras.optimizers.SGD(0.1), "mse")
     before = [np.array(v.numpy()) for v in model.variables]
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], devices=jax.devices()[:1])
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh))
+    )
     try:
-        with pytest.raises(NotImplementedError, match="keras.distribution"):
+        with pytest.raises(NotImplementedError, match="Received: distribution=ModelParallel"):
             model.fit(x, np.zeros((N, 2), "float32"), epochs=1, verbose=0,
                       callbacks=[SWA(bn_data=x, verbose=0)])
     finally:

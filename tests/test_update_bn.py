@@ -794,14 +794,18 @@ def test_jax_arrays_as_data_and_the_models_arrays_stay_alive():
 
 
 @pytest.mark.jax_only
-def test_jax_update_bn_refuses_a_keras_distribution():
+def test_jax_update_bn_refuses_a_model_parallel_distribution():
+    # DataParallel runs (tests/test_data_parallel.py, on 2 devices); other layouts are untested.
     import jax
 
     model = _two_bn_mlp()
     stats = [_np(v) for v in model.non_trainable_variables]
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], devices=jax.devices()[:1])
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh))
+    )
     try:
-        with pytest.raises(NotImplementedError, match="Received: distribution=DataParallel"):
+        with pytest.raises(NotImplementedError, match="Received: distribution=ModelParallel"):
             update_bn(model, _data(8), verbose=0)
     finally:
         keras.distribution.set_distribution(None)

@@ -148,6 +148,17 @@ def writing_back(model, averaged, key, dist):
     record("aw_late_placed_as_variable",
            [placed_as(a.value, v.value) for a, v in zip(late._jax.averages, variables)])
     record("aw_late_devices", [devices_of(a.value) for a in late._jax.averages])
+    # A model built on one device cannot have its averages laid out by the distribution.
+    single = mlp("built_outside")
+
+    def mixed():
+        try:
+            keras_swa.AveragedWeights(single)
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    record("aw_mixed_error", with_distribution(dist, mixed))
 
 
 def update_bn(distribution):
