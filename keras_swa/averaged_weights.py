@@ -75,7 +75,9 @@ class AveragedWeights(tf.Module):
     the averages are mirrored variables and `update()` runs the compiled update once per device
     on that device's copies, from the cross-replica context or inside `strategy.run`.
     MirroredStrategy and MultiWorkerMirroredStrategy are supported; ParameterServerStrategy is
-    refused with a `ValueError`.
+    refused with a `ValueError`. On JAX, under `keras.distribution.DataParallel` the averages are
+    replicated like the variables (`keras_swa.backends.jax`); other distributions are refused
+    with a `NotImplementedError`.
 
     Args:
         model_or_variables: a built Keras model or layer, or a list of variables (Keras or

@@ -86,9 +86,10 @@ def update_bn(
 
     On Keras 3's JAX backend the pass is compiled with `jax.jit` (`jit_compile` has no effect
     there) and runs the forward pass in a `keras.StatelessScope`, so it writes nothing but the
-    new statistics (`keras_swa.backends.jax_batch_norm`); data may also be `jax.Array`s. A
-    `keras.distribution` in effect is refused there (`NotImplementedError`), and Keras itself
-    allows `synchronized=True` on TensorFlow only.
+    new statistics (`keras_swa.backends.jax_batch_norm`); data may also be `jax.Array`s. Under
+    a `keras.distribution.DataParallel` each batch is sharded over the devices and the
+    statistics are still those of the whole batch; other distributions are refused
+    (`NotImplementedError`). Keras itself allows `synchronized=True` on TensorFlow only.
 
     Args:
         model: a built Keras model.

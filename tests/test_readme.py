@@ -2,7 +2,9 @@
 
 A block runs as written, in a fresh namespace and an empty working directory; its own `assert`s
 and the errors it raises are what fail the test. Blocks that build a `tf.distribute` strategy run
-in a subprocess, since a strategy's collectives stay set up for the whole process.
+in a subprocess, since a strategy's collectives stay set up for the whole process; so do blocks
+that choose their own Keras backend (`os.environ["KERAS_BACKEND"] = ...`), which only a fresh
+process can.
 """
 
 import glob
@@ -72,7 +74,7 @@ def test_example_runs(document, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if not IS_KERAS_3:
         code = re.sub(r"^import keras$", "import tf_keras as keras", code, flags=re.M)
-    if "Strategy(" in code:
+    if "Strategy(" in code or 'os.environ["KERAS_BACKEND"]' in code:
         script = tmp_path / "example.py"
         script.write_text(code)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
