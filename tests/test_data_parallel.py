@@ -127,8 +127,9 @@ def _cumulative(batches):
 
 @pytest.mark.parametrize("n", [44, 45])  # last batch 12 (sharded 6 + 6), or 13 (replicated)
 def test_update_bn_statistics_are_those_of_the_whole_data(job, n):
-    w = {k[len("bn_weights_"):]: job[k].astype(np.float64) for k in job if k.startswith("bn_weights_")}
-    eps1, eps2 = job["bn_epsilon"]
+    w = {k[len("bn_weights_"):]: job[k].astype(np.float64)
+         for k in job if k.startswith("bn_weights_")}
+    eps1 = float(job["bn_epsilon"][0])  # bn2's inputs come before bn2 normalises them
     x = job["bn_x"][:n].astype(np.float64)
     in1 = [_dense(x[i : i + 16], w["d1_0"], w["d1_1"]) for i in range(0, n, 16)]
     in2 = [_dense(np.maximum(_bn_train(h, w["bn1_0"], w["bn1_1"], eps1), 0.0), w["d2_0"], w["d2_1"])
