@@ -142,7 +142,8 @@ for check, m in memory.items():
         lines.append(f"- compiled update (check={check}): no memory_analysis() on this backend")
         continue
     lines.append(
-        f"- compiled update (check={check}), XLA memory_analysis(): arguments "
+        f"- compiled update (check={check}; the fast NaN/Inf test only, without keras_swa's "
+        f"exact-test branch), XLA memory_analysis(): arguments "
         f"{m['argument_size_in_bytes'] / 2**20:.1f} MiB, outputs {m['output_size_in_bytes'] / 2**20:.1f}"
         f" MiB ({m['alias_size_in_bytes'] / 2**20:.1f} MiB into the donated averages), temporaries "
         f"{m['temp_size_in_bytes'] / 2**20:.1f} MiB = {m['temp_size_in_bytes'] / param_bytes:.3f}x "
