@@ -59,38 +59,14 @@ Smoke test (a few small tensors, seconds):
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BACKENDS = ("tensorflow", "jax")
+from benchmarks import backend_flag  # noqa: E402
 
-
-def backend_from_argv(argv):
-    """The value of `--backend` in `argv` (`--backend=X` or `--backend X`; the last one wins).
-
-    Returns `"tensorflow"` when the flag is absent, and the value as written otherwise (absl
-    rejects a value outside `BACKENDS` when it parses the flags).
-    """
-    backend = "tensorflow"
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            break
-        if arg.startswith("--backend="):
-            backend = arg.split("=", 1)[1]
-        elif arg == "--backend" and i + 1 < len(argv):
-            backend = argv[i + 1]
-    return backend
-
-
-# Keras reads KERAS_BACKEND once, when it is first imported, and absl parses the flags only in
-# `app.run`, after the imports below have run. So when this file runs as a script, `--backend` is
-# read from the command line here, before any import of Keras (or of keras_swa, which imports
-# it), and the environment is set to it: the flag always wins over an inherited KERAS_BACKEND
-# (the default run is TensorFlow even under `KERAS_BACKEND=jax`). This is simpler than
-# re-executing the script, and `main` checks that the backend Keras loaded is the flag's.
-if __name__ == "__main__" and backend_from_argv(sys.argv[1:]) in BACKENDS:
-    os.environ["KERAS_BACKEND"] = backend_from_argv(sys.argv[1:])
+# Before any import of Keras (see `benchmarks/backend_flag.py`).
+if __name__ == "__main__":
+    backend_flag.select_from_argv()
 
 import time  # noqa: E402
 
@@ -116,13 +92,7 @@ flags.DEFINE_integer(
     "With N > 1, also time `AveragedWeights.update()` under `tf.distribute.MirroredStrategy` on "
     "N logical CPU devices (the CPU is split before TensorFlow initialises).",
 )
-flags.DEFINE_enum(
-    "backend",
-    "tensorflow",
-    list(BACKENDS),
-    "The Keras 3 backend to time `AveragedWeights` on (sets KERAS_BACKEND before Keras is "
-    "imported). The JAX run writes averaging_benchmark_jax.{json,md,png}.",
-)
+backend_flag.define_flag("averaging_benchmark")
 flags.DEFINE_bool(
     "torch",
     True,
@@ -338,13 +308,7 @@ def main(_):
             f"Received: backend={FLAGS.backend!r}, num_replicas={num_replicas}; "
             "drop --num_replicas or use --backend=tensorflow."
         )
-    if keras.backend.backend() != FLAGS.backend:
-        raise app.UsageError(
-            f"`--backend={FLAGS.backend}` but Keras runs on {keras.backend.backend()!r} "
-            f"({keras.__name__} {keras.__version__}). Run the benchmark as a script "
-            "(`python -m benchmarks.averaging_benchmark`) so that it sets KERAS_BACKEND before "
-            "Keras is imported; JAX needs Keras 3 (unset TF_USE_LEGACY_KERAS)."
-        )
+    backend_flag.check_loaded(keras, "averaging_benchmark")
     # Before anything initialises TensorFlow's devices (building ResNet-50 below does).
     devices = split_cpu(num_replicas) if num_replicas > 1 else None
     if FLAGS.quick_num_tensors < 1:

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The JAX averaging benchmark (issue 13) on a machine with JAX + CUDA. Not run in CI.
+# The JAX cost benchmarks (issue 13) on a machine with JAX + CUDA. Not run in CI.
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # from the repository root, under 5 minutes
 #
 # Figures go to OUTPUT_DIR (default: $OUT if set, else benchmarks/results/gpu). With TensorFlow
-# installed it runs `python -m benchmarks.averaging_benchmark --backend=jax` (keras_swa's rows,
-# the donated flat-lerp floor, torch's rows on CUDA if torch is there). keras_swa itself imports
-# TensorFlow (keras_swa/backend.py), so WITHOUT TensorFlow it says so and times only what runs
-# without keras_swa: the same floor, and keras_swa's update rebuilt in pure JAX (one donated
-# jax.jit over the per-tensor averages, with and without the NaN/Inf check), written to
+# installed it runs, each under its own time limit (120 + 75 + 90 s):
+#   python -m benchmarks.averaging_benchmark --backend=jax     (keras_swa's rows, the donated
+#       flat-lerp floor, torch's rows on CUDA if torch is there)
+#   python -m benchmarks.memory_benchmark --backend=jax        (100M parameters; device memory
+#       from memory_stats(), XLA's memory_analysis() of the update)
+#   python -m benchmarks.fit_overhead_benchmark --backend=jax --repeats=4
+# and exits non-zero if any of them failed. keras_swa itself imports TensorFlow
+# (keras_swa/backend.py), so WITHOUT TensorFlow it says so and times only what runs without
+# keras_swa: the same floor, and keras_swa's update rebuilt in pure JAX (one donated jax.jit
+# over the per-tensor averages, with and without the NaN/Inf check), with XLA's
+# memory_analysis() of that program and the device's memory_stats(), written to
 # OUTPUT_DIR/gpu_check_pure_jax.{json,md}. PYTHON picks the interpreter (default: python).
 set -u
 PYTHON=${PYTHON:-python}
@@ -21,10 +27,17 @@ echo "== JAX devices"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
 
 if "$PYTHON" -c "import tensorflow, keras_swa" 2>/dev/null; then
-  echo "== keras_swa imports: full JAX averaging benchmark"
-  timeout 270 "$PYTHON" -m benchmarks.averaging_benchmark --backend=jax \
-    --output_dir "$OUTPUT_DIR"
-  exit $?
+  failed=0
+  echo "== keras_swa imports: JAX averaging benchmark"
+  timeout 120 "$PYTHON" -m benchmarks.averaging_benchmark --backend=jax \
+    --output_dir "$OUTPUT_DIR" || failed=1
+  echo "== JAX memory benchmark"
+  timeout 75 "$PYTHON" -m benchmarks.memory_benchmark --backend=jax \
+    --output_dir "$OUTPUT_DIR" || failed=1
+  echo "== JAX fit overhead benchmark"
+  timeout 90 "$PYTHON" -m benchmarks.fit_overhead_benchmark --backend=jax --repeats=4 \
+    --output_dir "$OUTPUT_DIR" || failed=1
+  exit $failed
 fi
 
 echo "== keras_swa does NOT import here: TensorFlow is missing (keras_swa/backend.py imports it"
@@ -71,6 +84,10 @@ def multi(check):
         return new, jnp.where(ok, n + 1.0, n)
 
     state = {"a": [jnp.zeros_like(w) for w in arrays], "n": jnp.zeros([], jnp.float32)}
+    analysis = step.lower(state["a"], state["n"], arrays).compile().memory_analysis()
+    memory[check] = None if analysis is None else {
+        k: int(getattr(analysis, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                               "alias_size_in_bytes", "temp_size_in_bytes")}
 
     def run():
         state["a"], state["n"] = step(state["a"], state["n"], arrays)
@@ -90,6 +107,8 @@ def floor():
     return run
 
 
+memory = {}  # check -> XLA's memory_analysis() of the multi-tensor update
+device_memory_before = jax.local_devices()[0].memory_stats()
 FLOOR = "floor: one flat jit lerp (JAX/XLA, donated)"
 variants = {
     FLOOR: floor(),
@@ -116,10 +135,29 @@ lines = [f"# Pure-JAX averaging check (no TensorFlow, no keras_swa): {len(shapes
          "", "| variant | ms (median) | min ms | x floor |", "| --- | --- | --- | --- |"]
 lines += [f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['ratio_to_floor']:.2f} |"
           for r in rows]
+param_bytes = 4 * num_floats
+for check, m in memory.items():
+    lines.append("")
+    if m is None:
+        lines.append(f"- compiled update (check={check}): no memory_analysis() on this backend")
+        continue
+    lines.append(
+        f"- compiled update (check={check}; the fast NaN/Inf test only, without keras_swa's "
+        f"exact-test branch), XLA memory_analysis(): arguments "
+        f"{m['argument_size_in_bytes'] / 2**20:.1f} MiB, outputs {m['output_size_in_bytes'] / 2**20:.1f}"
+        f" MiB ({m['alias_size_in_bytes'] / 2**20:.1f} MiB into the donated averages), temporaries "
+        f"{m['temp_size_in_bytes'] / 2**20:.1f} MiB = {m['temp_size_in_bytes'] / param_bytes:.3f}x "
+        "the fp32 parameters")
+device_memory = jax.local_devices()[0].memory_stats()
+lines.append("")
+lines.append(f"- device memory_stats() before the averages: {device_memory_before}; at the end "
+             f"(weights, flat copy, three sets of averages): {device_memory}")
 print("\n".join(lines))
 payload = {"benchmark": "gpu_check_pure_jax", "jax": jax.__version__,
            "device": str(jax.devices()[0]), "num_tensors": len(shapes), "num_floats": num_floats,
            "repeats": repeats, "warmup": warmup, "results": rows,
+           "compiled_update_memory": {str(k): v for k, v in memory.items()},
+           "device_memory_stats": {"before_averages": device_memory_before, "end": device_memory},
            "timings_s": times}
 with open(os.path.join(out_dir, "gpu_check_pure_jax.json"), "w") as f:
     json.dump(payload, f, indent=2)

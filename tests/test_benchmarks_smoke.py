@@ -23,12 +23,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
+from benchmarks import backend_flag  # noqa: E402
 from benchmarks import flags as bench  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run_benchmark(module, tmp_path, *args):
+def _run_benchmark(module, tmp_path, *args, keras_backend=None):
     # `python -m` puts the working directory first on sys.path, so the benchmark runs from a
     # folder that holds only the `benchmarks` package, and finds keras_swa where this test did.
     package_root = tmp_path / "package_root"
@@ -42,6 +43,8 @@ def _run_benchmark(module, tmp_path, *args):
         CUDA_VISIBLE_DEVICES="",
         PYTHONPATH=os.pathsep.join(python_path),
     )
+    if keras_backend is not None:
+        env["KERAS_BACKEND"] = keras_backend
     output_dir = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", module, "--quick", "--output_dir", str(output_dir), *args],
@@ -55,8 +58,11 @@ def _run_benchmark(module, tmp_path, *args):
     return output_dir
 
 
-def _check_files(output_dir, name, module=None):
-    """Checks NAME.{json,md,png}; `module` is the script that wrote them (default: `name`)."""
+def _check_files(output_dir, name, module=None, timed=True):
+    """Checks NAME.{json,md,png}; `module` is the script that wrote them (default: `name`).
+
+    `timed`: the results are a list of rows with `timings_s` (not the memory benchmark's).
+    """
     paths = {ext: output_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0, path
@@ -76,7 +82,7 @@ def _check_files(output_dir, name, module=None):
         os.path.abspath(keras_swa.__file__)
     )
     assert payload["config"]["quick"] is True
-    for result in payload["results"]:
+    for result in payload["results"] if timed else ():
         assert result["timings_s"], result["name"]
         assert all(t > 0 for t in result["timings_s"]), result["name"]
     return payload, table
@@ -223,9 +229,8 @@ def test_multi_worker_benchmark_quick(tmp_path):
     assert "End of training" in table
 
 
-def test_fit_overhead_benchmark_quick(tmp_path):
-    output_dir = _run_benchmark("benchmarks.fit_overhead_benchmark", tmp_path)
-    payload, table = _check_files(output_dir, "fit_overhead_benchmark")
+def _check_fit_overhead(payload, table):
+    """The fit overhead benchmark's rows and targets, on whichever backend it ran."""
     results = {r["name"]: r for r in payload["results"]}
     assert set(results) == {
         "plain fit",
@@ -239,16 +244,106 @@ def test_fit_overhead_benchmark_quick(tmp_path):
         assert len(results[name]["timings_s"]) == config["epochs_per_fit"] - 1
         assert results[name]["ratio_to_plain_epoch"] > 0
     assert results["plain fit"]["ratio_to_plain_epoch"] == 1.0
+    plain = statistics.median(results["plain fit"]["timings_s"])
+    targets = {t["name"]: t for t in payload["targets"]}
     for name in ("SWA, capture every epoch", "SWA, capture every step"):
         # SWA's on_train_end writes the averages and runs the BN pass: it takes time.
         assert results[name]["train_end_median_s"] > 0
         # Time inside SWA's own hooks, measured per epoch (the first epoch is dropped).
         assert len(results[name]["swa_hooks_s"]) == config["epochs_per_fit"] - 1
         assert results[name]["swa_hooks_median_s"] > 0
+        # One round: by hook time, a plain epoch plus the median hook time, over a plain epoch.
+        by_hooks = targets[name + " by hook time"]
+        expected = 1 + statistics.median(results[name]["swa_hooks_s"]) / plain
+        assert by_hooks["value"] == pytest.approx(expected)
+        assert by_hooks["met"] == (by_hooks["value"] <= by_hooks["target"])
+        assert by_hooks["target"] == targets[name]["target"]
     assert "swa_hooks_s" not in results["plain fit"]
     assert len(results["update_bn(model, x), one pass"]["timings_s"]) == 1
     assert {t["target"] for t in payload["targets"]} == {1.01, 1.05, 0.5}
     assert "End of training" in table and "inside the SWA callback's own hooks" in table
+    assert "| x plain epoch by hook time |" in table
+
+
+def test_fit_overhead_benchmark_quick(tmp_path):
+    output_dir = _run_benchmark("benchmarks.fit_overhead_benchmark", tmp_path)
+    payload, table = _check_files(output_dir, "fit_overhead_benchmark")
+    _check_fit_overhead(payload, table)
+    assert "tf_intra_op_threads" in payload["config"]
+
+
+def test_fit_overhead_benchmark_quick_on_jax(tmp_path):
+    start = time.perf_counter()
+    output_dir = _run_benchmark(
+        "benchmarks.fit_overhead_benchmark", tmp_path, "--backend=jax", keras_backend="jax"
+    )
+    assert time.perf_counter() - start < 60
+    payload, table = _check_files(
+        output_dir, "fit_overhead_benchmark_jax", "fit_overhead_benchmark"
+    )
+    assert not (output_dir / "fit_overhead_benchmark.json").exists()
+    assert payload["config"]["backend"] == "jax" and payload["versions"]["jax"]
+    assert "JAX" in table
+    _check_fit_overhead(payload, table)
+
+
+def test_memory_benchmark_quick_on_jax(tmp_path):
+    start = time.perf_counter()
+    output_dir = _run_benchmark(
+        "benchmarks.memory_benchmark", tmp_path, "--backend=jax", keras_backend="jax"
+    )
+    assert time.perf_counter() - start < 60
+    payload, table = _check_files(
+        output_dir, "memory_benchmark_jax", "memory_benchmark", timed=False
+    )
+    assert not (output_dir / "memory_benchmark.json").exists()
+    config = payload["config"]
+    assert config["backend"] == "jax" and payload["versions"]["jax"]
+    assert config["num_params"] == 4_000_000  # --quick
+    param_bytes = 4 * config["num_params"]
+    assert payload["param_bytes"] == param_bytes
+    targets = {t["name"]: t for t in payload["targets"]}
+    for variant in ("raise", "ignore"):
+        result = payload["results"][variant]
+        probe = result["bytes"]
+        # The state is one fp32 average per weight plus the count (int32 without x64).
+        assert probe["state_bytes"] == {
+            "averages": param_bytes,
+            "count": 4,
+            "num_averages": 8,  # 4M parameters in tensors of 500k
+        }
+        state = targets[f"averaging state bytes (averages + count), nonfinite={variant!r}"]
+        assert state["value"] == (param_bytes + 4) / param_bytes and state["met"] is True
+        # The live arrays: the weights, then one more copy of them (the averages and count).
+        live = result["in_param_copies"]["averages_created"]["live_arrays_over_weights"]
+        assert live == pytest.approx(1.0, abs=1e-3)
+        # XLA writes the new averages into the donated ones.
+        assert probe["compiled_update"]["alias_size_in_bytes"] >= param_bytes
+        for stage in ("averages_created", "later_updates"):
+            target = targets[f"peak over weights, {stage.replace('_', ' ')}, nonfinite={variant!r}"]
+            assert target["value"] == result["in_param_copies"][stage]["extra_over_weights"]
+    if not payload["results"]["raise"]["bytes"]["device_memory_stats_available"]:
+        assert config["memory_source"] == "process RSS"
+        assert "memory_stats()` is None on cpu" in table
+    for line in ("- averaging state, nonfinite='raise':", "- compiled update program",
+                 "- XLA runtime kept after the first update", "| live jax.Arrays over weights |"):
+        assert line in table, line
+
+
+@pytest.mark.parametrize(
+    "argv, backend",
+    [
+        ([], "tensorflow"),
+        (["--backend=jax"], "jax"),
+        (["--quick", "--backend", "jax"], "jax"),
+        (["--backend=jax", "--backend=tensorflow"], "tensorflow"),  # the last one wins
+        (["--", "--backend=jax"], "tensorflow"),  # not a flag after `--`
+    ],
+)
+def test_backend_flag_is_read_from_the_command_line(argv, backend, monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert backend_flag.select_from_argv(argv) == backend
+    assert os.environ["KERAS_BACKEND"] == backend
 
 
 def test_cost_benchmark_collects_every_parts_targets(tmp_path):
