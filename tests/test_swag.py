@@ -316,6 +316,34 @@ def test_nonfinite_captures_leave_the_statistics_alone():
     np.testing.assert_allclose(_flat(swag.variances()), captures.var(0), atol=1e-6)
 
 
+@pytest.mark.tf_only("tf.function")
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_captures_inside_a_tf_function(policy):
+    # As AveragedWeights: inside a graph "skip" leaves the capture out, "raise" fails an Assert.
+    model = _dense_model()
+    swag = SWAG(model, max_rank=2, nonfinite=policy)
+    capture = tf.function(swag.update)
+    rng = np.random.default_rng(17)
+    recorded = []
+    for _ in range(2):
+        for v in model.trainable_variables:
+            v.assign(rng.normal(size=v.shape).astype("float32"))
+        recorded.append(_flat(model.trainable_variables))
+        capture()
+    saved = [np.array(v) for v in swag.m2s + swag.deviations + swag.averages]
+    kernel = model.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    if policy == "skip":
+        capture()
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="SWAG capture refused"):
+            capture()
+    assert int(swag.n_averaged.numpy()) == 2
+    for before, v in zip(saved, swag.m2s + swag.deviations + swag.averages):
+        np.testing.assert_array_equal(before, np.array(v))
+    np.testing.assert_allclose(_flat(swag.mean()), np.mean(recorded, axis=0), atol=1e-6)
+
+
 def test_bad_arguments():
     model = _dense_model()
     for bad in (0, -1, 2.5, True, "3"):
