@@ -38,7 +38,7 @@ from keras_swa.state_variables import state_variable
 __all__ = ["AveragedWeights"]
 
 _MODES = ("swa", "ema")
-_NONFINITE = ("raise", "skip", "ignore")
+_NONFINITE = finite_check.POLICIES
 
 
 def _as_tf_variable_dtype(variable):

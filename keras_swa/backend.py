@@ -30,6 +30,7 @@ __all__ = [
     "is_interactive_logging_enabled",
     "iter_layers",
     "print_msg",
+    "refuse_keras_distribution",
     "require_argument_backend",
     "require_backend",
     "set_learning_rate",
@@ -134,6 +135,27 @@ def require_backend(entry_point, backend=None):
             f"supports {names}. Select a supported backend with the KERAS_BACKEND environment "
             f"variable (e.g. KERAS_BACKEND=tensorflow) before Keras is imported. "
             f"Received: backend={backend!r}"
+        )
+
+
+def refuse_keras_distribution(entry_point):
+    """Raises `NotImplementedError` if a `keras.distribution` is set on the JAX backend.
+
+    For the entry points whose JAX port has not been checked with sharded variables: they
+    refuse the setup rather than risk a wrong number.
+
+    Args:
+        entry_point: the public name, for the message, e.g. `"SWAG"`.
+    """
+    if backend_name() != "jax":
+        return
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        raise NotImplementedError(
+            f"keras_swa.{entry_point} on the 'jax' Keras backend does not support a "
+            "keras.distribution yet (it has not been checked with sharded variables). "
+            "Create and use it without a distribution set. "
+            f"Received: distribution={type(distribution).__name__}"
         )
 
 

@@ -72,6 +72,7 @@ class FGE(tf.Module):
 
     def __init__(self, model, max_members=None, name="fge"):
         backend.require_backend("FGE")
+        backend.refuse_keras_distribution("FGE")
         super().__init__(name=name)
         if not isinstance(model, keras.Model):
             raise TypeError(

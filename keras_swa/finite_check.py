@@ -22,7 +22,10 @@ import tensorflow as tf
 
 from keras_swa import model_variables
 
-__all__ = ["all_finite", "finite_flags", "report", "sums_are_finite"]
+__all__ = ["POLICIES", "all_finite", "finite_flags", "report", "sums_are_finite"]
+
+# What an update may do with a non-finite capture: raise, skip it (with a warning), or not check.
+POLICIES = ("raise", "skip", "ignore")
 
 
 def _summable(values):

@@ -32,7 +32,7 @@ from keras_swa.state_variables import state_variable
 
 __all__ = ["SWAG"]
 
-_NONFINITE = ("raise", "skip", "ignore")
+_NONFINITE = finite_check.POLICIES
 
 
 def _swag_update(averages, m2s, deviations, variables, n_averaged, ok, max_rank):
@@ -149,6 +149,7 @@ class SWAG(tf.Module):
 
     def __init__(self, model, max_rank=20, nonfinite="raise", seed=None, name="swag"):
         backend.require_backend("SWAG")
+        backend.refuse_keras_distribution("SWAG")
         super().__init__(name=name)
         if not is_int(max_rank) or max_rank < 1:
             raise ValueError(

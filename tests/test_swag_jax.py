@@ -183,3 +183,17 @@ def test_saving_is_refused_clearly(tmp_path):
     with pytest.raises(NotImplementedError, match="not supported on the JAX backend"):
         swag.save_weights(str(tmp_path / "swag.weights.h5"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_keras_distribution_is_refused_by_name():
+    # Not checked with sharded variables yet: refused, never a silently wrong number.
+    from keras_swa.fge import FGE
+
+    model = _model()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    try:
+        for make, name in ((lambda: SWAG(model), "SWAG"), (lambda: FGE(model), "FGE")):
+            with pytest.raises(NotImplementedError, match=f"keras_swa.{name} .*DataParallel"):
+                make()
+    finally:
+        keras.distribution.set_distribution(None)

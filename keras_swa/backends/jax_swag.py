@@ -14,7 +14,8 @@ statistic and the count bit for bit as they were.
 A draw (`sample`) is one more compiled program, with the noise from `jax.random`: for a seed
 `s`, `key = jax.random.key(s)`; the diagonal noise of tracked variable `i` is
 `jax.random.normal(jax.random.fold_in(key, i), shape)` and the low-rank noise
-`jax.random.normal(jax.random.fold_in(key, n_variables), (K,))`, all float32.
+`jax.random.normal(jax.random.fold_in(key, n_variables), (K,))`, all float32. Without
+`jax_enable_x64`, `jax.random.key` keeps the low 32 bits of the seed.
 """
 
 import jax
