@@ -47,6 +47,8 @@ class FGE(tf.Module):
     weights in the order of `model.weights`), so `tf.train.Checkpoint` carries them once the
     same number of members exists on restore. Single device; under a `tf.distribute` strategy
     the snapshots are taken from the model's (mirrored) weights but not mirrored themselves.
+    On JAX the snapshots are `keras.Variable` copies (synced from a running `fit`, never the
+    model's own buffers), which `tf.train.Checkpoint` does not carry.
 
     Args:
         model: a built Keras model (functional or Sequential for `export_saved_model`).
