@@ -18,45 +18,31 @@ UAI 2018, arXiv 1803.05407.
 import contextlib
 import functools
 import json
-import warnings
 
 import numpy as np
 
 import tensorflow as tf
 
-from keras_swa import averaging, backend, distribution, finite_check, packing, weights_file
+from keras_swa import (
+    averaging,
+    backend,
+    distribution,
+    finite_check,
+    model_variables,
+    packing,
+    weights_file,
+)
 from keras_swa.backend import keras, ops
+from keras_swa.state_variables import state_variable
 
 __all__ = ["AveragedWeights"]
 
 _MODES = ("swa", "ema")
-_NONFINITE = ("raise", "skip", "ignore")
-
-
-class _Untracked:
-    """Holds the model's variables without making them checkpoint dependencies of the module."""
-
-    def __init__(self, variables):
-        self.variables = tuple(variables)
+_NONFINITE = finite_check.POLICIES
 
 
 def _as_tf_variable_dtype(variable):
     return tf.as_dtype(getattr(variable, "dtype", tf.float32))
-
-
-def _variable_name(variable):
-    return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
-
-
-def _state_variable(initial, name):
-    """A non-trainable variable, mirrored and written once per device under a strategy."""
-    return tf.Variable(
-        initial,
-        trainable=False,
-        name=name,
-        synchronization=tf.VariableSynchronization.ON_WRITE,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
 
 
 class AveragedWeights(tf.Module):
@@ -194,8 +180,8 @@ class AveragedWeights(tf.Module):
         self._multi_avg_fn = multi_avg_fn
         self._include_non_trainable = bool(include_non_trainable)
 
-        variables = self._collect_variables(model_or_variables, self._include_non_trainable)
-        self._source = _Untracked(variables)
+        variables = model_variables.collect(model_or_variables, self._include_non_trainable)
+        self._source = model_variables.Untracked(variables=tuple(variables))
         # On JAX the state and its compiled update are `keras_swa.backends.jax.Averages`;
         # everything below is the TensorFlow path (tf_keras included).
         self._jax = None
@@ -219,16 +205,18 @@ class AveragedWeights(tf.Module):
             # The checkpointed state: an average per large variable, one flat average of the
             # small ones (`keras_swa.packing`), and the count.
             self._own_averages = [
-                _state_variable(tf.zeros(layout.shapes[i], tf.float32), f"average_{i}")
+                state_variable(tf.zeros(layout.shapes[i], tf.float32), f"average_{i}")
                 for i in layout.own
             ]
             self._packed_averages = (
-                _state_variable(tf.zeros([layout.packed_size], tf.float32), "packed_averages")
+                state_variable(tf.zeros([layout.packed_size], tf.float32), "packed_averages")
                 if layout.packed
                 else None
             )
-            self._count = _state_variable(tf.constant(0, tf.int64), "n_averaged")
-        self._tf_variables = _Untracked(backend.tf_variable(v) for v in variables)
+            self._count = state_variable(tf.constant(0, tf.int64), "n_averaged")
+        self._tf_variables = model_variables.Untracked(
+            variables=tuple(backend.tf_variable(v) for v in variables)
+        )
         self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
         # One compiled update per device, over that device's copies captured by closure: a
         # call then passes no arguments. (Passing the 2 x 214 variables of ResNet-50 as
@@ -351,44 +339,6 @@ class AveragedWeights(tf.Module):
             return [averaging.ema_update(a, v, d, n) for a, v in zip(averages, values)]
 
         return custom if self._custom_rule else builtin
-
-    @staticmethod
-    def _collect_variables(model_or_variables, include_non_trainable):
-        obj = model_or_variables
-        if isinstance(obj, keras.layers.Layer):
-            if not obj.built or not obj.variables:
-                raise ValueError(
-                    "The model must be built (called on data, or created with an `Input`) "
-                    "before its weights can be averaged. "
-                    f"Received: model={obj.name!r} with built={obj.built}"
-                )
-            variables = obj.variables if include_non_trainable else obj.trainable_variables
-        elif isinstance(obj, (list, tuple)):
-            variables = list(obj)
-            for v in variables:
-                if not hasattr(v, "assign") or not hasattr(v, "shape"):
-                    raise TypeError(
-                        "`model_or_variables` must be a Keras model/layer or a list of "
-                        f"variables. Received an element of type {type(v).__name__}: {v!r}"
-                    )
-        else:
-            raise TypeError(
-                "`model_or_variables` must be a built Keras model/layer or a list of "
-                f"variables. Received: model_or_variables={obj!r}"
-            )
-        variables = list(variables)
-        if not variables:
-            raise ValueError(
-                "There are no variables to average. "
-                f"Received: model_or_variables={obj!r}"
-            )
-        for v in variables:
-            if not _as_tf_variable_dtype(v).is_floating:
-                raise TypeError(
-                    "Only floating-point variables can be averaged. Received variable "
-                    f"{getattr(v, 'path', getattr(v, 'name', v))!r} of dtype {v.dtype}"
-                )
-        return variables
 
     # ------------------------------------------------------------------ properties
 
@@ -576,18 +526,9 @@ class AveragedWeights(tf.Module):
 
     def _finite_or_report(self, flags, poisoned="the average"):
         """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""
-        if flags.all():
-            return True
-        bad = self._source.variables[int((~flags).argmax())]
-        message = (
-            f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of {len(flags)} "
-            f"variables, first {_variable_name(bad)!r}: this capture would poison {poisoned} "
-            f"(n_averaged={int(self.n_averaged.numpy())} kept as it is)."
+        return finite_check.report(
+            flags, self._source.variables, self._nonfinite, int(self.n_averaged.numpy()), poisoned
         )
-        if self._nonfinite == "raise":
-            raise FloatingPointError(message)
-        warnings.warn(message + " The capture is skipped.", stacklevel=3)
-        return False
 
     def _apply_update(self, check=True):
         """Runs the compiled update on every device; returns the (bool scalar) all-finite flag."""
@@ -620,22 +561,9 @@ class AveragedWeights(tf.Module):
             self._jax.sync(model)
         if model is None:
             return list(self._source.variables)
-        target = self._collect_variables(model, self._include_non_trainable)
-        shapes = [tuple(int(d) for d in v.shape) for v in self._source.variables]
-        if len(target) != len(shapes):
-            raise ValueError(
-                "The model's variables do not match the averages: "
-                f"expected {len(shapes)} variables, the model has {len(target)}. "
-                f"Received: model={getattr(model, 'name', model)!r}"
-            )
-        for i, (t, shape) in enumerate(zip(target, shapes)):
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"Variable {i} ({getattr(t, 'path', getattr(t, 'name', ''))!r}) has shape "
-                    f"{tuple(t.shape)} but its average has shape {shape}. "
-                    f"Received: model={getattr(model, 'name', model)!r}"
-                )
-        return target
+        return model_variables.matching(
+            model, self._source.variables, self._include_non_trainable, "averages"
+        )
 
     def _require_captures(self):
         if int(self.n_averaged.numpy()) == 0:
@@ -654,6 +582,14 @@ class AveragedWeights(tf.Module):
         """
         self._require_captures()
         targets = self._check_target(model)
+        self._assign_averages(targets)
+
+    def _assign_averages(self, targets):
+        if self._jax is not None:
+            # The averages' own arrays, not `averages` (a copy of each): `write` copies each one
+            # once into its target, so a swap holds one extra copy of the weights, not two.
+            self._jax.write(targets, [average.value for average in self._jax.averages])
+            return
         self._assign(targets, list(self.averages))
 
     def _assign(self, targets, values):
@@ -684,7 +620,7 @@ class AveragedWeights(tf.Module):
         self._require_captures()
         targets = self._check_target(model)
         backup = self._copy(targets)
-        self._assign(targets, list(self.averages))
+        self._assign_averages(targets)
         try:
             yield self
         finally:
@@ -703,7 +639,7 @@ class AveragedWeights(tf.Module):
         return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
 
     def _check_store_support(self, method):
-        # The store holds the averages and the count; a subclass with more state (`SWAG`)
+        # The store holds the averages and the count; a subclass with more state
         # must save it too, and then set `_store_holds_all_state = True`, to use it.
         if type(self) is not AveragedWeights and not getattr(
             type(self), "_store_holds_all_state", False
@@ -782,8 +718,8 @@ class AveragedWeights(tf.Module):
             value = get(str(i))
             if list(value.shape) != shape or saved["shapes"][i] != shape:
                 raise ValueError(
-                    f"Variable {i} ({_variable_name(variable)!r}) has shape {tuple(shape)} "
-                    f"but its saved average has shape {tuple(value.shape)}. "
+                    f"Variable {i} ({model_variables.variable_name(variable)!r}) has shape "
+                    f"{tuple(shape)} but its saved average has shape {tuple(value.shape)}. "
                     f"Received: saved shapes={saved['shapes']}"
                 )
             values.append(value.astype(np.float32))

@@ -18,7 +18,7 @@ tf_keras), so that the one definition serves every backend.
 
 from keras_swa.backend import ops
 
-__all__ = ["ema_decay", "ema_update", "swa_update"]
+__all__ = ["ema_decay", "ema_update", "swa_update", "welford_m2"]
 
 
 def swa_update(average, value, n_averaged):
@@ -115,3 +115,36 @@ def ema_decay(decay, n_averaged, dynamic_decay=False, warmup_power=None, warmup_
     if warmup_power is not None:
         return ops.minimum(decay, 1.0 - ops.power(1.0 + n / warmup_gamma, -float(warmup_power)))
     return decay
+
+
+def welford_m2(m2, value, old_mean, new_mean, n_averaged):
+    """Welford's update of the sum of squared deviations from the mean, for SWAG's variance.
+
+    `M2 += (w - old_mean) * (w - new_mean)`, and 0 for the first value (`n_averaged == 0`), so
+    `M2 / n` is the population variance of the `n` values without the cancellation of
+    `E[w^2] - E[w]^2` (Welford 1962).
+
+    Args:
+        m2: float tensor, the sum so far over `n_averaged` values.
+        value: the new value (same shape), already in `m2`'s dtype.
+        old_mean: the mean of the `n_averaged` earlier values.
+        new_mean: the mean including `value` (`swa_update(old_mean, value, n_averaged)`).
+        n_averaged: integer scalar tensor, how many values `m2` holds.
+
+    Returns:
+        The new sum, of `m2`'s dtype.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_swa.backend import ops
+    >>> m2, mean = ops.zeros([1]), ops.zeros([1])
+    >>> for n, w in enumerate([1.0, 2.0, 6.0]):
+    ...     w = ops.convert_to_tensor([w])
+    ...     new = swa_update(mean, w, n)
+    ...     m2, mean = welford_m2(m2, w, mean, new, n), new
+    >>> np.asarray(m2).tolist()   # 3 * np.var([1, 2, 6])
+    [14.0]
+    """
+    first = ops.equal(n_averaged, 0)
+    return ops.where(first, ops.zeros_like(m2), m2 + (value - old_mean) * (value - new_mean))

@@ -71,8 +71,8 @@ else:
 SUPPORTED_BACKENDS = {
     "AveragedWeights": ("tensorflow", "jax"),
     "SWA": ("tensorflow", "jax"),
-    "SWAG": ("tensorflow",),
-    "FGE": ("tensorflow",),
+    "SWAG": ("tensorflow", "jax"),
+    "FGE": ("tensorflow", "jax"),
     "SwapAveragedWeights": ("tensorflow", "jax"),
     "update_bn": ("tensorflow", "jax"),
     "average_checkpoints": ("tensorflow", "jax"),

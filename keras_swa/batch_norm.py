@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_swa import backend, distribution
+from keras_swa.arguments import is_int
 from keras_swa.backend import keras
 
 __all__ = ["update_bn"]
@@ -490,18 +491,14 @@ def _split_batch(strategy, x, n):
 
 
 def _check_arguments(steps, batch_size, verbose):
-    if steps is not None and not (_is_int(steps) and steps > 0):
+    if steps is not None and not (is_int(steps) and steps > 0):
         raise ValueError(f"`steps` must be a positive integer or None. Received: steps={steps!r}")
-    if batch_size is not None and not (_is_int(batch_size) and batch_size > 0):
+    if batch_size is not None and not (is_int(batch_size) and batch_size > 0):
         raise ValueError(
             f"`batch_size` must be a positive integer or None. Received: batch_size={batch_size!r}"
         )
-    if not (verbose == "auto" or (_is_int(verbose) and verbose in (0, 1, 2))):
+    if not (verbose == "auto" or (is_int(verbose) and verbose in (0, 1, 2))):
         raise ValueError(f'`verbose` must be "auto", 0, 1 or 2. Received: verbose={verbose!r}')
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _layers_to_update(model):

@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras_swa import backend
 from keras_swa.backend import keras
 
-__all__ = ["export_saved_model"]
+__all__ = ["export_saved_model", "model_inputs"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -245,7 +245,7 @@ def _check_model(model):
         )
 
 
-def _model_inputs(model):
+def model_inputs(model):
     """The structure `model` is called with, as its symbolic inputs (`None` if it has none)."""
     try:
         structure = model.input  # Nested: dict or list as the functional model was built.
@@ -283,7 +283,7 @@ def _serving_inputs(model, input_signature):
     `specs` maps each input name to its `tf.TensorSpec`, in the flattening order of `structure`.
     """
     inferred = input_signature is None
-    structure = _model_inputs(model) if inferred else input_signature
+    structure = model_inputs(model) if inferred else input_signature
     if structure is None:
         raise ValueError(
             "Cannot infer the input signature of `model`: it has no symbolic inputs (a "
@@ -319,7 +319,7 @@ def _serving_inputs(model, input_signature):
 
 
 def _model_input_names(model):
-    inputs = _model_inputs(model)
+    inputs = model_inputs(model)
     if inputs is None:
         return None
     return [getattr(t, "name", None) for t in tf.nest.flatten(inputs)]

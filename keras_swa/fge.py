@@ -14,23 +14,26 @@ they are). `predict(..., bn_data=...)` can recompute them per member instead. Me
 copy of the model's weights per member.
 """
 
-import numbers
-
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend, export
+from keras_swa import backend, distribution, ensemble, export, model_variables
+from keras_swa.arguments import is_int
 from keras_swa.backend import keras
-from keras_swa.batch_norm import update_bn
 
 __all__ = ["FGE"]
 
 
-class _Untracked:
-    """Holds the model without making it a checkpoint dependency of the module."""
+def _snapshot(value, name):
+    """A member's copy of one weight: a `tf.Variable` on TensorFlow, a `keras.Variable` on JAX."""
+    if backend.backend_name() == "jax":
+        return keras.Variable(value, dtype=value.dtype, trainable=False, name=name)
+    return tf.Variable(value, trainable=False, name=name)
 
-    def __init__(self, model):
-        self.model = model
+
+def _value(snapshot):
+    """The value of a member's snapshot (a `jax.Array` on JAX, the `tf.Variable` elsewhere)."""
+    return snapshot.value if backend.backend_name() == "jax" else snapshot
 
 
 class FGE(tf.Module):
@@ -44,6 +47,8 @@ class FGE(tf.Module):
     weights in the order of `model.weights`), so `tf.train.Checkpoint` carries them once the
     same number of members exists on restore. Single device; under a `tf.distribute` strategy
     the snapshots are taken from the model's (mirrored) weights but not mirrored themselves.
+    On JAX the snapshots are `keras.Variable` copies (synced from a running `fit`, never the
+    model's own buffers), which `tf.train.Checkpoint` does not carry.
 
     Args:
         model: a built Keras model (functional or Sequential for `export_saved_model`).
@@ -69,6 +74,7 @@ class FGE(tf.Module):
 
     def __init__(self, model, max_members=None, name="fge"):
         backend.require_backend("FGE")
+        distribution.refuse_keras_distribution("FGE")
         super().__init__(name=name)
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -79,17 +85,13 @@ class FGE(tf.Module):
                 "The model must be built (called on data, or created with an `Input`) before "
                 f"it can be snapshotted. Received: model={model.name!r} with built={model.built}"
             )
-        if max_members is not None and (
-            not isinstance(max_members, numbers.Integral)
-            or isinstance(max_members, bool)
-            or max_members < 1
-        ):
+        if max_members is not None and (not is_int(max_members) or max_members < 1):
             raise ValueError(
                 "`max_members` must be a positive integer or None. "
                 f"Received: max_members={max_members!r}"
             )
         self._max_members = max_members
-        self._model = _Untracked(model)
+        self._model = model_variables.Untracked(model=model)
         self.members = []
 
     def __len__(self):
@@ -103,11 +105,9 @@ class FGE(tf.Module):
     def add(self):
         """Snapshots every weight of the model (BatchNorm statistics included) as a new member."""
         index = len(self.members)
-        snapshot = [
-            tf.Variable(tf.identity(tf.convert_to_tensor(w)), trainable=False,
-                        name=f"member_{index}_{i}")
-            for i, w in enumerate(self.model.weights)
-        ]
+        model_variables.sync(self.model)
+        values = model_variables.copy_values(self.model.weights)
+        snapshot = [_snapshot(value, f"member_{index}_{i}") for i, value in enumerate(values)]
         self.members.append(snapshot)
         if self._max_members is not None and len(self.members) > self._max_members:
             del self.members[0]
@@ -137,9 +137,7 @@ class FGE(tf.Module):
             model: a model with the same architecture. Defaults to the ensemble's model.
         """
         self._require_members()
-        if not isinstance(index, numbers.Integral) or isinstance(index, bool) or not (
-            -len(self.members) <= index < len(self.members)
-        ):
+        if not is_int(index) or not -len(self.members) <= index < len(self.members):
             raise IndexError(
                 f"`index` must be an int in [-{len(self.members)}, {len(self.members)}). "
                 f"Received: index={index!r}"
@@ -154,8 +152,8 @@ class FGE(tf.Module):
                 "The model's weights do not match the snapshots (number or shapes differ). "
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
-        for w, m in zip(weights, member):
-            w.assign(m)
+        model_variables.sync(model)
+        model_variables.assign_values(weights, [_value(m) for m in member])
 
     def predict(self, x, bn_data=None, batch_size=None, bn_batch_size=None, from_logits=False):
         """The average of the members' predicted probabilities.
@@ -179,23 +177,16 @@ class FGE(tf.Module):
             output.
         """
         self._require_members()
-        model = self.model
-        variables = list(model.variables)
-        backup = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-        total = None
-        try:
-            for index in range(len(self.members)):
-                self.assign_member(index)
-                if bn_data is not None:
-                    update_bn(model, bn_data, batch_size=bn_batch_size, verbose=0)
-                out = model.predict(x, batch_size=batch_size, verbose=0)
-                out = tf.nest.map_structure(lambda o: _probabilities(o, from_logits), out)
-                total = out if total is None else tf.nest.map_structure(np.add, total, out)
-        finally:
-            for v, value in zip(variables, backup):
-                v.assign(value)
-        n = len(self.members)
-        return tf.nest.map_structure(lambda t: (t / n).astype(np.float32), total)
+        return ensemble.average_probabilities(
+            self.model,
+            self.assign_member,
+            len(self.members),
+            x,
+            bn_data=bn_data,
+            batch_size=batch_size,
+            bn_batch_size=bn_batch_size,
+            from_logits=from_logits,
+        )
 
     def ensemble_model(self, from_logits=False):
         """A Keras model whose output is the average of the members' probabilities.
@@ -213,7 +204,7 @@ class FGE(tf.Module):
         """
         self._require_members()
         model = self.model
-        inputs = export._model_inputs(model)
+        inputs = export.model_inputs(model)
         if inputs is None:
             raise ValueError(
                 "The ensemble can only be built for a model with symbolic inputs (functional, "
@@ -223,7 +214,7 @@ class FGE(tf.Module):
         outputs = []
         for index, member in enumerate(self.members):
             clone = keras.models.clone_model(model)
-            clone.set_weights([m.numpy() for m in member])
+            clone.set_weights([np.asarray(m.numpy()) for m in member])
             # A uniquely named wrapper: the clones all carry the model's name.
             clone = keras.Model(clone.inputs, clone.outputs, name=f"member_{index}")
             out = clone(inputs, training=False)
@@ -258,12 +249,3 @@ class FGE(tf.Module):
         return export.export_saved_model(
             self.ensemble_model(from_logits=from_logits), path, overwrite=overwrite
         )
-
-
-def _probabilities(output, from_logits):
-    output = np.asarray(output, dtype=np.float64)
-    if not from_logits:
-        return output
-    shifted = output - output.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

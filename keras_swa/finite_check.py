@@ -16,9 +16,16 @@ plain XLA sums kept ~0.9 MiB per tensor; TensorFlow's own reductions read as fas
 and keep nothing.
 """
 
+import warnings
+
 import tensorflow as tf
 
-__all__ = ["all_finite", "finite_flags", "sums_are_finite"]
+from keras_swa import model_variables
+
+__all__ = ["POLICIES", "all_finite", "finite_flags", "report", "sums_are_finite"]
+
+# What an update may do with a non-finite capture: raise, skip it (with a warning), or not check.
+POLICIES = ("raise", "skip", "ignore")
 
 
 def _summable(values):
@@ -52,3 +59,34 @@ def finite_flags(variables):
 def all_finite(variables):
     """A bool scalar: are all values of all `variables` finite? (Exact, per element.)"""
     return tf.reduce_all(finite_flags(variables))
+
+
+def report(flags, variables, nonfinite, n_averaged, poisoned="the average"):
+    """Acts on the exact test's flags, per the `nonfinite` policy of the caller.
+
+    Args:
+        flags: one bool per variable (a NumPy array), from `finite_flags`.
+        variables: the checked variables, for the name of the first bad one.
+        nonfinite: `"raise"` or `"skip"`.
+        n_averaged: the count kept, for the message.
+        poisoned: what the capture would have poisoned, for the message.
+
+    Returns:
+        `True` if every flag is set; `False` (after a warning) for a skipped capture.
+
+    Raises:
+        FloatingPointError: with `nonfinite="raise"` when a flag is not set.
+    """
+    if flags.all():
+        return True
+    bad = variables[int((~flags).argmax())]
+    message = (
+        f"Non-finite weights (NaN or Inf) in {int((~flags).sum())} of {len(flags)} "
+        f"variables, first {model_variables.variable_name(bad)!r}: this capture would poison "
+        f"{poisoned} "
+        f"(n_averaged={n_averaged} kept as it is)."
+    )
+    if nonfinite == "raise":
+        raise FloatingPointError(message)
+    warnings.warn(message + " The capture is skipped.", stacklevel=4)
+    return False

@@ -7,11 +7,16 @@ and a low-rank part built from the last K deviations of the captures from their 
 Predicting with the average of the predictions of weights sampled from that Gaussian (Bayesian
 model averaging) gives better-calibrated probabilities than the SWA model alone.
 
-`SWAG` extends `AveragedWeights`: the same captures (`update()`), the same mean, the same
-strategy handling and non-finite checks, and every statistic in fp32 variables of one `tf.Module`
-that `tf.train.Checkpoint` carries. One XLA-compiled call per capture updates the mean, the
-sum of squared deviations (Welford's algorithm, so no `E[w^2] - E[w]^2` cancellation) and one
-column of the deviation ring buffer.
+`SWAG` takes the same captures as `AveragedWeights` (`update()`) and shares its pieces: the
+averaging math (`keras_swa.averaging`), the strategy handling (`keras_swa.distribution`), the
+NaN/Inf policy (`keras_swa.finite_check`) and the writing of values into a model
+(`keras_swa.model_variables`). One compiled call per capture updates the mean, the sum of
+squared deviations (Welford's algorithm, so no `E[w^2] - E[w]^2` cancellation) and one column
+of the deviation ring buffer. On TensorFlow (Keras 3 and tf_keras) the statistics are fp32
+`tf.Variable`s of one `tf.Module`, carried by `tf.train.Checkpoint`, and the call is an
+XLA-compiled `tf.function` run per device under a `tf.distribute` strategy; on JAX they are
+`keras.Variable`s and the call is one `jax.jit` with the statistics donated
+(`keras_swa.backends.jax_swag`).
 """
 
 import contextlib
@@ -20,38 +25,37 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import averaging, backend
-from keras_swa.averaged_weights import AveragedWeights, _state_variable
-from keras_swa.batch_norm import update_bn
+from keras_swa import averaging, backend, distribution, ensemble, finite_check, model_variables
+from keras_swa.arguments import is_int
 from keras_swa.backend import keras
+from keras_swa.state_variables import state_variable
 
 __all__ = ["SWAG"]
 
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_NONFINITE = finite_check.POLICIES
 
 
-def _swag_update(averages, m2s, deviations, variables, n_averaged, max_rank):
-    """One capture: Welford's mean and M2, and the column `w - new_mean` at slot `n % K`."""
+def _swag_update(averages, m2s, deviations, variables, n_averaged, ok, max_rank):
+    """One capture: Welford's mean and M2, and the column `w - new_mean` at slot `n % K`.
+
+    With `ok` False (a refused capture) every statistic and the count keep their values.
+    """
     n = n_averaged.read_value()
-    first = n == 0
     slot = tf.math.floormod(n, max_rank)
     for average, m2, deviation, variable in zip(averages, m2s, deviations, variables):
         value = tf.cast(variable, tf.float32)
         old = average.read_value()
         new = averaging.swa_update(old, value, n)
-        # Welford: M2 += (w - old_mean) * (w - new_mean); the first capture starts it at 0.
-        m2.assign(tf.where(first, tf.zeros_like(value), m2 + (value - old) * (value - new)))
-        average.assign(new)
+        old_m2 = m2.read_value()
+        m2.assign(tf.where(ok, averaging.welford_m2(old_m2, value, old, new, n), old_m2))
+        average.assign(tf.where(ok, new, old))
         # A scatter into the read value, then one assign: XLA updates the buffer in place, and
         # (unlike `Variable.scatter_nd_update`) it works on mirrored variables under a strategy.
-        deviation.assign(
-            tf.tensor_scatter_nd_update(
-                deviation.read_value(), tf.reshape(slot, [1, 1]), tf.expand_dims(value - new, 0)
-            )
-        )
-    n_averaged.assign_add(1)
+        columns = deviation.read_value()
+        index = tf.reshape(slot, [1, 1])
+        column = tf.where(ok, value - new, tf.gather_nd(columns, index)[0])
+        deviation.assign(tf.tensor_scatter_nd_update(columns, index, tf.expand_dims(column, 0)))
+    n_averaged.assign_add(tf.cast(ok, n_averaged.dtype))
 
 
 def _swag_sample(averages, m2s, deviations, n_averaged, scale, seed, diag, cov, max_rank):
@@ -78,7 +82,11 @@ def _swag_sample(averages, m2s, deviations, n_averaged, scale, seed, diag, cov, 
     return samples
 
 
-class SWAG(AveragedWeights):
+def _statistic(shape, name):
+    return state_variable(tf.zeros(shape, tf.float32), name)
+
+
+class SWAG(tf.Module):
     """SWA-Gaussian: a diagonal plus low-rank Gaussian over a model's weights.
 
     Call `update()` at the SWA captures (the end of each learning-rate cycle), exactly as for
@@ -102,16 +110,21 @@ class SWAG(AveragedWeights):
     `scale * (diag(var) + D D^T / (K - 1))`. BatchNorm statistics then have to be recomputed
     for the sampled weights (`keras_swa.update_bn`); `predict()` does all of it.
 
-    Only trainable variables are modelled. Distribution: like `AveragedWeights`, the statistics
-    are mirrored variables under MirroredStrategy or MultiWorkerMirroredStrategy and `update()`
-    runs per device; `sample()` draws once and assigns the draw to every replica.
+    Only trainable variables are modelled. Distribution (TensorFlow): like `AveragedWeights`,
+    the statistics are mirrored variables under MirroredStrategy or MultiWorkerMirroredStrategy
+    and `update()` runs per device; `sample()` draws once and assigns the draw to every replica.
+    On JAX the statistics are `keras.Variable`s updated by one donated `jax.jit` call (single
+    device), and draws use `jax.random` (`keras_swa.backends.jax_swag`): a seed gives the same
+    draw every time on one backend, not the same draw on TensorFlow and JAX.
 
     Args:
         model: a built Keras model (or layer), or a list of trainable variables.
         max_rank: `K`, the number of deviation columns kept (the rank of the low-rank part).
             A positive int. Defaults to 20.
         nonfinite: what `update()` does with NaN/Inf weights, as for `AveragedWeights`:
-            `"raise"`, `"skip"` or `"ignore"`. Defaults to `"raise"`.
+            `"raise"` a `FloatingPointError`, `"skip"` the capture (with a warning), or
+            `"ignore"` the check. A refused capture leaves every statistic as it was.
+            Defaults to `"raise"`.
         seed: int seed for the draws made without an explicit `seed`. Defaults to `None`
             (different draws on every run).
         name: name of the module. Defaults to `"swag"`.
@@ -134,33 +147,57 @@ class SWAG(AveragedWeights):
     (2, 2)
     """
 
-    # SWAG's own compiled update writes the averages beside its statistics, one per variable.
-    _pack_below = 0
-
     def __init__(self, model, max_rank=20, nonfinite="raise", seed=None, name="swag"):
         backend.require_backend("SWAG")
-        if not _is_int(max_rank) or max_rank < 1:
+        distribution.refuse_keras_distribution("SWAG")
+        super().__init__(name=name)
+        if not is_int(max_rank) or max_rank < 1:
             raise ValueError(
                 f"`max_rank` must be a positive integer. Received: max_rank={max_rank!r}"
             )
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
-        super().__init__(model, mode="swa", nonfinite=nonfinite, name=name)
+        if nonfinite not in _NONFINITE:
+            raise ValueError(
+                f"`nonfinite` must be one of {_NONFINITE}. Received: nonfinite={nonfinite!r}"
+            )
         self._max_rank = int(max_rank)
-        # The model itself (untracked, so not checkpointed) for `predict`.
-        self._source.model = model if isinstance(model, keras.Model) else None
+        self._nonfinite = nonfinite
         self._rng = np.random.default_rng(seed)
+        variables = model_variables.collect(model, include_non_trainable=False)
+        # The model itself is kept for `predict`, untracked (not part of the checkpoint).
+        self._source = model_variables.Untracked(
+            variables=tuple(variables), model=model if isinstance(model, keras.Model) else None
+        )
+        self._jax = None
+        if backend.backend_name() == "jax":
+            from keras_swa.backends import jax_swag
+
+            self._jax = jax_swag.Statistics(
+                variables, self._max_rank, check=nonfinite != "ignore", model=self._source.model
+            )
+            self.m2s, self.deviations = self._jax.m2s, self._jax.deviations
+            return
+        self._strategy = distribution.check_strategy(distribution.find_strategy(model), "SWAG")
         with self._strategy.scope():
-            self.m2s = [
-                self._statistic(a.shape, f"m2_{i}") for i, a in enumerate(self._own_averages)
+            # The checkpointed state, under the keys SWAG checkpoints have always had.
+            self._own_averages = [
+                _statistic(v.shape, f"average_{i}") for i, v in enumerate(variables)
             ]
+            self._count = state_variable(tf.constant(0, tf.int64), "n_averaged")
+            self.m2s = [_statistic(v.shape, f"m2_{i}") for i, v in enumerate(variables)]
             self.deviations = [
-                self._statistic([self._max_rank] + list(a.shape), f"deviations_{i}")
-                for i, a in enumerate(self._own_averages)
+                _statistic([self._max_rank] + list(v.shape), f"deviations_{i}")
+                for i, v in enumerate(variables)
             ]
+        self._tf_variables = model_variables.Untracked(
+            variables=tuple(backend.tf_variable(v) for v in variables)
+        )
+        self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
+        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
         max_rank = self._max_rank
         self._update_fn = tf.function(
-            lambda a, m, d, v, n: _swag_update(a, m, d, v, n, max_rank),
+            lambda a, m, d, v, n, ok: _swag_update(a, m, d, v, n, ok, max_rank),
             jit_compile=True,
             autograph=False,
         )
@@ -172,11 +209,27 @@ class SWAG(AveragedWeights):
             autograph=False,
         )
 
-    @staticmethod
-    def _statistic(shape, name):
-        return _state_variable(tf.zeros(shape, tf.float32), name)
+    # ------------------------------------------------------------------ the captures
 
-    # ------------------------------------------------------------------ the update
+    @property
+    def tracked_variables(self):
+        """The model variables whose statistics are kept (the trainable ones), in order."""
+        return list(self._source.variables)
+
+    @property
+    def n_averaged(self):
+        """The number of captures: an int64 `tf.Variable` on TensorFlow; on JAX an int32
+        `keras.Variable` (int64 with `jax_enable_x64`), as for `AveragedWeights`."""
+        if self._jax is not None:
+            return self._jax.count
+        return self._count
+
+    @property
+    def averages(self):
+        """The mean of the captures, one fp32 tensor per tracked variable (a snapshot)."""
+        if self._jax is not None:
+            return self._jax.means_values()
+        return [tf.convert_to_tensor(a) for a in self._own_averages]
 
     def _state(self):
         return (list(self._own_averages), list(self.m2s), list(self.deviations))
@@ -184,52 +237,82 @@ class SWAG(AveragedWeights):
     def update(self):
         """Folds the current weights into the mean, the M2 sums and the deviation ring buffer.
 
-        One compiled call; under a `tf.distribute` strategy it runs once per device on that
-        device's copies (from the cross-replica context or inside `strategy.run`).
+        One compiled call. On TensorFlow, under a `tf.distribute` strategy it runs once per
+        device on that device's copies (from the cross-replica context or inside
+        `strategy.run`).
 
         Returns:
             `True` if the capture was taken; `False` if a non-finite capture was skipped
-            (`nonfinite="skip"`). Inside a `tf.function` the result is `None`, and a non-finite
-            capture fails a `tf.debugging.Assert` unless `nonfinite="ignore"`.
+            (`nonfinite="skip"`). Inside a `tf.function` the result is `None`: a non-finite
+            capture fails a `tf.debugging.Assert` with `nonfinite="raise"`, and is left out
+            with `nonfinite="skip"`.
 
         Raises:
             FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
                 statistics and `n_averaged` are left untouched.
         """
+        if self._jax is not None:
+            return self._update_jax()
         variables = list(self._tf_variables.variables)
-        if self._nonfinite != "ignore":
-            if not tf.executing_eagerly():
-                finite = tf.reduce_all(self._finite_fn(variables))
-                with tf.control_dependencies(
-                    [tf.debugging.Assert(finite, ["Non-finite weights: SWAG capture refused."])]
-                ):
-                    self._apply_update()
+        if self._nonfinite == "ignore":
+            self._apply_update(tf.constant(True))
+            return True if tf.executing_eagerly() else None
+        if not tf.executing_eagerly():
+            finite = tf.reduce_all(self._finite_fn(variables))
+            if self._nonfinite == "skip":
+                self._apply_update(finite)
                 return None
-            flags = self._finite_fn(variables).numpy()
-            if not self._finite_or_report(flags, poisoned="the SWAG statistics"):
-                return False
-        self._apply_update()
-        return True if tf.executing_eagerly() else None
+            with tf.control_dependencies(
+                [tf.debugging.Assert(finite, ["Non-finite weights: SWAG capture refused."])]
+            ):
+                self._apply_update(finite)
+            return None
+        flags = self._finite_fn(variables).numpy()
+        if not self._finite_or_report(flags):
+            return False
+        self._apply_update(tf.constant(True))
+        return True
 
-    def _apply_update(self):
+    def _update_jax(self):
+        state = self._jax
+        if state.update():
+            return True
+        if state.at_limit():
+            raise OverflowError(
+                f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
+                f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
+                "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
+                "SWAG for an int64 count."
+            )
+        return self._finite_or_report(state.finite_flags())
+
+    def _finite_or_report(self, flags):
+        return finite_check.report(
+            flags, self._source.variables, self._nonfinite, int(self.n_averaged.numpy()),
+            poisoned="the SWAG statistics",
+        )
+
+    def _apply_update(self, ok):
         averages, m2s, deviations = self._state()
         variables = list(self._tf_variables.variables)
         if not self._distributed:
-            self._update_fn(averages, m2s, deviations, variables, self.n_averaged)
+            self._update_fn(averages, m2s, deviations, variables, self._count, ok)
         elif tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            tf.distribute.get_replica_context().merge_call(self._update_on_each_device)
+            tf.distribute.get_replica_context().merge_call(
+                lambda strategy: self._update_on_each_device(ok, strategy)
+            )
         elif tf.distribute.has_strategy():
-            self._update_on_each_device()
+            self._update_on_each_device(ok)
         else:
             with self._strategy.scope():
-                self._update_on_each_device()
+                self._update_on_each_device(ok)
 
-    def _update_on_each_device(self, strategy=None):
+    def _update_on_each_device(self, ok, strategy=None):
         strategy = strategy or self._strategy
 
         def local_update(n_averaged, averages, m2s, deviations, variables):
             self._update_fn(list(averages), list(m2s), list(deviations), list(variables),
-                            n_averaged)
+                            n_averaged, ok)
 
         strategy.extended.update(
             self._count,
@@ -240,9 +323,81 @@ class SWAG(AveragedWeights):
 
     def reset(self):
         """Forgets every capture: mean, variance and deviation columns start afresh."""
+        if self._jax is not None:
+            self._jax.reset()
+            return
         for variable in [v for group in self._state() for v in group]:
             variable.assign(tf.zeros_like(variable))
-        self.n_averaged.assign(0)
+        self._count.assign(0)
+
+    # ------------------------------------------------------------------ the SWA mean
+
+    def _require_captures(self):
+        if int(self.n_averaged.numpy()) == 0:
+            raise ValueError(
+                "No weights have been averaged yet (n_averaged=0): call `update()` at least "
+                "once before writing the averages into a model."
+            )
+
+    def _targets(self, model):
+        model_variables.sync(self._source.model if model is None else model)
+        if model is None:
+            return list(self._source.variables)
+        return model_variables.matching(model, self._source.variables, False, "averages")
+
+    def assign_to(self, model=None):
+        """Writes the SWA mean into the model, as `AveragedWeights.assign_to` does.
+
+        Args:
+            model: a model whose trainable variables match the tracked ones in number and
+                shape. Defaults to the tracked variables themselves.
+        """
+        self._require_captures()
+        model_variables.assign_values(self._targets(model), self.averages)
+
+    @contextlib.contextmanager
+    def swap(self, model=None):
+        """Context manager: the SWA mean in the model inside, the original weights after.
+
+        Args:
+            model: as for `assign_to`. Defaults to the tracked variables themselves.
+        """
+        self._require_captures()
+        targets = self._targets(model)
+        backup = model_variables.copy_values(targets)
+        model_variables.assign_values(targets, self.averages)
+        try:
+            yield self
+        finally:
+            model_variables.assign_values(targets, backup)
+
+    def _refuse_store(self, method):
+        where = (
+            "save it with `tf.train.Checkpoint`, which saves all of it"
+            if self._jax is None
+            else "saving SWAG's state is not supported on the JAX backend yet"
+        )
+        raise NotImplementedError(
+            f"`SWAG.{method}` would save only the averages of SWAG's state (not its variances "
+            f"and deviation columns): {where}."
+        )
+
+    def save_weights(self, filepath):
+        """Refused: the averages-only weights file would lose SWAG's variance (see
+        `_refuse_store`); use `tf.train.Checkpoint(swag=swag)` on TensorFlow."""
+        self._refuse_store("save_weights")
+
+    def load_weights(self, filepath):
+        """Refused, as `save_weights`."""
+        self._refuse_store("load_weights")
+
+    def save_own_variables(self, store):
+        """Refused, as `save_weights`."""
+        self._refuse_store("save_own_variables")
+
+    def load_own_variables(self, store):
+        """Refused, as `save_weights`."""
+        self._refuse_store("load_own_variables")
 
     # ------------------------------------------------------------------ the Gaussian
 
@@ -259,12 +414,14 @@ class SWAG(AveragedWeights):
     def mean(self):
         """The mean of the captures (the SWA average), one fp32 tensor per tracked variable."""
         self._require_captures()
-        return [tf.identity(a) for a in self.averages]
+        return list(self.averages)
 
     def variances(self):
         """The diagonal variance (ddof=0) of the captures, one fp32 tensor per variable."""
         self._require_captures()
-        n = tf.cast(self.n_averaged, tf.float32)
+        if self._jax is not None:
+            return self._jax.variances()
+        n = tf.cast(self._count, tf.float32)
         return [tf.maximum(m2 / n, 0.0) for m2 in self.m2s]
 
     def deviation_columns(self):
@@ -276,6 +433,8 @@ class SWAG(AveragedWeights):
         self._require_captures()
         n, k = int(self.n_averaged.numpy()), self.rank
         order = [(n - k + j) % self._max_rank for j in range(k)]
+        if self._jax is not None:
+            return self._jax.columns(order)
         return [tf.gather(d, order) for d in self.deviations]
 
     def _check_sample_arguments(self, scale, diag, cov):
@@ -306,7 +465,7 @@ class SWAG(AveragedWeights):
     def _seed(self, seed):
         if seed is None:
             return self._rng.integers(0, 2**31 - 1, size=2)
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
         return np.array([seed, 0])
 
@@ -324,7 +483,10 @@ class SWAG(AveragedWeights):
             One fp32 tensor per tracked variable (`tracked_variables` order).
         """
         self._check_sample_arguments(scale, diag, cov)
-        seed = tf.constant(self._seed(seed), tf.int64)
+        seed = self._seed(seed)
+        if self._jax is not None:
+            return self._jax.sample(float(scale), int(seed[0]), diag, cov)
+        seed = tf.constant(seed, tf.int64)
         averages, m2s, deviations = self._state()
         return self._sample_fn(
             averages, m2s, deviations, self.n_averaged, tf.constant(float(scale)), seed,
@@ -340,7 +502,9 @@ class SWAG(AveragedWeights):
             cov: include the low-rank part (needs `rank >= 2`). Defaults to `True`.
             seed: int seed for this draw. Defaults to `None`.
         """
-        self._assign(list(self._source.variables), self.sample_vector(scale, diag, cov, seed))
+        draw = self.sample_vector(scale, diag, cov, seed)
+        model_variables.sync(self._source.model)
+        model_variables.assign_values(list(self._source.variables), draw)
 
     def predict(
         self,
@@ -381,7 +545,7 @@ class SWAG(AveragedWeights):
             The averaged probabilities, a NumPy array (a structure of them for multi-output
             models).
         """
-        if not _is_int(num_samples) or num_samples < 1:
+        if not is_int(num_samples) or num_samples < 1:
             raise ValueError(
                 f"`num_samples` must be a positive integer. Received: num_samples={num_samples!r}"
             )
@@ -395,19 +559,17 @@ class SWAG(AveragedWeights):
                 "Received: bn_data=None"
             )
         rng = np.random.default_rng(seed) if seed is not None else self._rng
-        seeds = rng.integers(0, 2**31 - 1, size=num_samples)
-        total = None
-        with _restored(model):
-            for draw_seed in seeds:
-                self.sample(scale, diag, cov, seed=int(draw_seed))
-                if has_bn:
-                    update_bn(model, bn_data, batch_size=bn_batch_size, verbose=0)
-                out = model.predict(x, batch_size=batch_size, verbose=0)
-                out = tf.nest.map_structure(
-                    lambda o: _probabilities(o, from_logits), out
-                )
-                total = out if total is None else tf.nest.map_structure(np.add, total, out)
-        return tf.nest.map_structure(lambda t: (t / num_samples).astype(np.float32), total)
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=num_samples)]
+        return ensemble.average_probabilities(
+            model,
+            lambda j: self.sample(scale, diag, cov, seed=seeds[j]),
+            num_samples,
+            x,
+            bn_data=bn_data if has_bn else None,
+            batch_size=batch_size,
+            bn_batch_size=bn_batch_size,
+            from_logits=from_logits,
+        )
 
     def _model(self):
         model = getattr(self._source, "model", None)
@@ -417,24 +579,3 @@ class SWAG(AveragedWeights):
                 "list of variables."
             )
         return model
-
-
-def _probabilities(output, from_logits):
-    output = np.asarray(output, dtype=np.float64)
-    if not from_logits:
-        return output
-    shifted = output - output.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-@contextlib.contextmanager
-def _restored(model):
-    """Restores every variable of `model` (weights and statistics) exactly on exit."""
-    variables = list(model.variables)
-    backup = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-    try:
-        yield
-    finally:
-        for v, value in zip(variables, backup):
-            v.assign(value)

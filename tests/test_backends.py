@@ -17,7 +17,9 @@ from keras_swa.backend import keras
 # keras_swa, so that a change of what is supported must change this test too.
 JAX_SUPPORTED = {
     "AveragedWeights",
+    "FGE",
     "SWA",
+    "SWAG",
     "SwapAveragedWeights",
     "average_checkpoints",
     "export_saved_model",

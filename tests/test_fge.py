@@ -1,4 +1,8 @@
-"""Tests for `keras_swa.fge.FGE`: ensemble predictions, the exported SavedModel, errors."""
+"""Tests for `keras_swa.fge.FGE`: ensemble predictions, the exported SavedModel, errors.
+
+Backend-neutral except where marked `tf_only`: they run on TensorFlow (Keras 3 and tf_keras) and
+in the JAX pass (`KERAS_BACKEND=jax`); JAX's own checks are in tests/test_fge_jax.py.
+"""
 
 import json
 import os
@@ -149,6 +153,7 @@ def test_exported_ensemble_serves_the_average_without_keras_swa(tmp_path):
     assert fge.export_saved_model(path, overwrite=True) == path
 
 
+@pytest.mark.tf_only("tf.train.Checkpoint carries tf.Variables")
 def test_checkpoint_round_trip(tmp_path):
     model, fge, recorded, _ = _trained_ensemble(cycles=2)
     path = tf.train.Checkpoint(fge=fge).save(str(tmp_path / "ckpt"))

@@ -1,5 +1,8 @@
 """Tests for `keras_swa.swag.SWAG` against numpy statistics of the recorded captures.
 
+Backend-neutral except where marked `tf_only`: they run on TensorFlow (Keras 3 and tf_keras) and
+in the JAX pass (`KERAS_BACKEND=jax`); JAX's own checks are in tests/test_swag_jax.py.
+
 Deviation convention (Maddox et al. 2019, Algorithm 1): after capture i (1-based) with running
 mean mu_i = mean(w_1..w_i), the column is w_i - mu_i; the factor D holds the last K columns.
 """
@@ -251,6 +254,7 @@ def test_predict_from_logits_and_restore_on_error():
 # Checkpoints, distribution, errors.
 
 
+@pytest.mark.tf_only("tf.train.Checkpoint carries tf.Variables")
 def test_checkpoint_round_trip(tmp_path):
     model = _dense_model(units=(3,))
     swag = SWAG(model, max_rank=3)
@@ -270,6 +274,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert any("m2" in n for n in names) and any("deviations" in n for n in names), names
 
 
+@pytest.mark.tf_only("tf.distribute")
 def test_mirrored_strategy_keeps_replicas_identical():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
@@ -297,7 +302,7 @@ def test_nonfinite_captures_leave_the_statistics_alone():
     model = _dense_model()
     swag = SWAG(model, max_rank=2)
     captures = _capture(model, swag, np.random.default_rng(16), 3)
-    saved = [v.numpy().copy() for v in swag.m2s + swag.deviations + swag.averages]
+    saved = [np.array(v) for v in swag.m2s + swag.deviations + swag.averages]
     kernel = model.trainable_variables[0]
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
     with pytest.raises(FloatingPointError, match="n_averaged=3"):
@@ -307,8 +312,36 @@ def test_nonfinite_captures_leave_the_statistics_alone():
         assert skipping.update() is False
     assert int(swag.n_averaged.numpy()) == 3 and int(skipping.n_averaged.numpy()) == 0
     for before, v in zip(saved, swag.m2s + swag.deviations + swag.averages):
-        np.testing.assert_array_equal(before, v.numpy())
+        np.testing.assert_array_equal(before, np.array(v))
     np.testing.assert_allclose(_flat(swag.variances()), captures.var(0), atol=1e-6)
+
+
+@pytest.mark.tf_only("tf.function")
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_captures_inside_a_tf_function(policy):
+    # As AveragedWeights: inside a graph "skip" leaves the capture out, "raise" fails an Assert.
+    model = _dense_model()
+    swag = SWAG(model, max_rank=2, nonfinite=policy)
+    capture = tf.function(swag.update)
+    rng = np.random.default_rng(17)
+    recorded = []
+    for _ in range(2):
+        for v in model.trainable_variables:
+            v.assign(rng.normal(size=v.shape).astype("float32"))
+        recorded.append(_flat(model.trainable_variables))
+        capture()
+    saved = [np.array(v) for v in swag.m2s + swag.deviations + swag.averages]
+    kernel = model.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    if policy == "skip":
+        capture()
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="SWAG capture refused"):
+            capture()
+    assert int(swag.n_averaged.numpy()) == 2
+    for before, v in zip(saved, swag.m2s + swag.deviations + swag.averages):
+        np.testing.assert_array_equal(before, np.array(v))
+    np.testing.assert_allclose(_flat(swag.mean()), np.mean(recorded, axis=0), atol=1e-6)
 
 
 def test_bad_arguments():

@@ -5,6 +5,10 @@ are written once. What cannot be shared lives here:
 
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
+- `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
+  buffer) updated by ONE donated `jax.jit` call, and its draws from `jax.random`.
+- `keras_swa.backends.jax_finite_check`: the NaN/Inf test of a capture, traced into a compiled
+  update.
 - `keras_swa.backends.jax_batch_norm`: the compiled BatchNorm pass of `update_bn` (the forward
   pass in training mode inside `keras.StatelessScope`, under `jax.jit`).
 - `keras_swa.backends.jax_export`: what `export_saved_model` checks and syncs before Keras'

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keras_swa.backend import keras
+from keras_swa.backends import jax_finite_check
 
 __all__ = ["Averages", "copy_as", "count_dtype", "replicated_like", "sync"]
 
@@ -81,24 +82,6 @@ def sync(model):
     state_sync = getattr(model, "jax_state_sync", None)
     if state_sync is not None:
         state_sync()
-
-
-def _summable(value):
-    # fp16 overflows at 65504 and bf16 sums lose all precision: sum in float32.
-    return value.astype(jnp.float32) if value.dtype != jnp.float32 else value
-
-
-def _sums_are_finite(values):
-    """The fast test: is the float32 total of every value's sum finite?"""
-    total = jnp.zeros([], jnp.float32)
-    for value in values:
-        total = total + jnp.sum(_summable(value)).astype(jnp.float32)
-    return jnp.isfinite(total)
-
-
-def _finite_flags(values):
-    """The exact test: one bool per value, are all its elements finite?"""
-    return jnp.stack([jnp.all(jnp.isfinite(value)) for value in values])
 
 
 class Averages:
@@ -151,7 +134,7 @@ class Averages:
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0
         self._update = jax.jit(self._update_all, donate_argnums=(0, 1))
-        self._flags = jax.jit(_finite_flags)
+        self._flags = jax.jit(jax_finite_check.finite_flags)
 
     def _update_all(self, averages, count, values):
         """`(averages, count, values) -> (new averages, new count, folded in?)`, pure."""
@@ -161,9 +144,9 @@ class Averages:
         if self._check:
             # The exact test runs only when the fast one fails (NaN/Inf, or a sum overflowed).
             ok = ok & jax.lax.cond(
-                _sums_are_finite(values),
+                jax_finite_check.sums_are_finite(values),
                 lambda: jnp.asarray(True),
-                lambda: jnp.all(_finite_flags(values)),
+                lambda: jnp.all(jax_finite_check.finite_flags(values)),
             )
         updated = self._rule(list(averages), list(values), n)
         new = [jnp.where(ok, u, average) for u, average in zip(updated, averages)]
