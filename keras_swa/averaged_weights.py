@@ -30,6 +30,7 @@ from keras_swa import (
     finite_check,
     model_variables,
     packing,
+    rule_arguments,
     weights_file,
 )
 from keras_swa.backend import keras, ops
@@ -37,8 +38,6 @@ from keras_swa.state_variables import state_variable
 
 __all__ = ["AveragedWeights"]
 
-_MODES = ("swa", "ema")
-_NONFINITE = finite_check.POLICIES
 
 
 def _as_tf_variable_dtype(variable):
@@ -148,28 +147,12 @@ class AveragedWeights(tf.Module):
     ):
         backend.require_backend("AveragedWeights")
         super().__init__(name=name)
-        self._check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
-                         multi_avg_fn)
-        if mode not in _MODES:
-            raise ValueError(
-                f"`mode` must be one of {_MODES}. Received: mode={mode!r}"
-            )
-        if mode == "ema":
-            if decay is None or isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0:
-                raise ValueError(
-                    "`decay` must be a float in [0, 1) when `mode='ema'`. "
-                    f"Received: decay={decay!r}"
-                )
+        rule_arguments.check_rule(
+            mode, decay, nonfinite, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
+            multi_avg_fn,
+        )
+        if decay is not None:
             decay = float(decay)
-        elif decay is not None:
-            raise ValueError(
-                "`decay` is only used with `mode='ema'`; equal-weight SWA has no decay. "
-                f"Received: mode={mode!r}, decay={decay!r}"
-            )
-        if nonfinite not in _NONFINITE:
-            raise ValueError(
-                f"`nonfinite` must be one of {_NONFINITE}. Received: nonfinite={nonfinite!r}"
-            )
         self._nonfinite = nonfinite
         self._mode = mode
         self._decay = decay
@@ -230,65 +213,6 @@ class AveragedWeights(tf.Module):
         self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
 
     # ------------------------------------------------------------------ set-up helpers
-
-    @staticmethod
-    def _check_rule(mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn,
-                    multi_avg_fn):
-        """Validates the arguments that choose the averaging rule (beyond `mode`/`decay`)."""
-        if not isinstance(dynamic_decay, bool):
-            raise ValueError(
-                f"`dynamic_decay` must be a bool. Received: dynamic_decay={dynamic_decay!r}"
-            )
-        if warmup_power is not None and (
-            isinstance(warmup_power, bool)
-            or not isinstance(warmup_power, (int, float))
-            or not warmup_power > 0
-        ):
-            raise ValueError(
-                "`warmup_power` must be a positive float or None. "
-                f"Received: warmup_power={warmup_power!r}"
-            )
-        if (
-            isinstance(warmup_gamma, bool)
-            or not isinstance(warmup_gamma, (int, float))
-            or not warmup_gamma > 0
-        ):
-            raise ValueError(
-                f"`warmup_gamma` must be a positive float. Received: warmup_gamma={warmup_gamma!r}"
-            )
-        if warmup_gamma != 1.0 and warmup_power is None:
-            raise ValueError(
-                "`warmup_gamma` is only used with `warmup_power`. "
-                f"Received: warmup_gamma={warmup_gamma!r}, warmup_power=None"
-            )
-        if (dynamic_decay or warmup_power is not None) and mode != "ema":
-            raise ValueError(
-                "`dynamic_decay` and `warmup_power` only apply to `mode='ema'`. "
-                f"Received: mode={mode!r}, dynamic_decay={dynamic_decay!r}, "
-                f"warmup_power={warmup_power!r}"
-            )
-        if dynamic_decay and warmup_power is not None:
-            raise ValueError(
-                "Pass either `dynamic_decay=True` (tensorflow-addons' warm-up) or "
-                "`warmup_power` (timm's), not both. "
-                f"Received: dynamic_decay=True, warmup_power={warmup_power!r}"
-            )
-        for arg, fn in (("avg_fn", avg_fn), ("multi_avg_fn", multi_avg_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"`{arg}` must be a callable or None. Received: {arg}={fn!r}")
-        if avg_fn is not None and multi_avg_fn is not None:
-            raise ValueError(
-                "Pass either `avg_fn` or `multi_avg_fn`, not both. "
-                f"Received: avg_fn={avg_fn!r}, multi_avg_fn={multi_avg_fn!r}"
-            )
-        if (avg_fn is not None or multi_avg_fn is not None) and (
-            mode != "swa" or decay is not None
-        ):
-            raise ValueError(
-                "A custom `avg_fn`/`multi_avg_fn` replaces the built-in averaging rule: leave "
-                "`mode='swa'` and `decay=None`. "
-                f"Received: mode={mode!r}, decay={decay!r}"
-            )
 
     @property
     def _custom_rule(self):

@@ -25,6 +25,8 @@ import shutil
 
 import tensorflow as tf
 
+from keras_swa import distribution
+
 __all__ = ["StateBackup"]
 
 _NAME = "swa_state"
@@ -86,7 +88,7 @@ class StateBackup:
         directory = os.fspath(directory)
         self._strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.directory = os.path.join(directory, _SUBDIR)
-        self.is_chief = bool(self._strategy.extended.should_checkpoint)
+        self.is_chief = distribution.is_chief(self._strategy)
         self._state = _JSONState()
         self._checkpoint = tf.train.Checkpoint(averaged=trackable, state=self._state)
         # The chief's checkpoints, read by every worker.

@@ -17,7 +17,9 @@ import os
 import warnings
 
 from keras_swa import backend
-from keras_swa.averaged_weights import _MODES, _NONFINITE, AveragedWeights
+from keras_swa import model_variables, rule_arguments
+from keras_swa.arguments import is_int
+from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
 from keras_swa.backup import StateBackup
 from keras_swa.backup_files import FileStateBackup
@@ -25,45 +27,10 @@ from keras_swa.batch_norm import update_bn
 from keras_swa.distribution import find_strategy
 from keras_swa.export import export_saved_model
 from keras_swa.schedules import Cyclic
-from keras_swa.swap import restore_variables, snapshot_variables
 
 __all__ = ["SWA"]
 
 _CYCLE_UNITS = ("epoch", "step")
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_averaging_arguments(mode, decay, nonfinite):
-    """`AveragedWeights`' rules for `mode`, `decay` and `nonfinite`, checked before training.
-
-    The callback builds its `AveragedWeights` at train begin, once the model is known; these
-    checks make a bad combination fail when the callback is created instead, with the same
-    accepted values (`_MODES`, `_NONFINITE` are AveragedWeights' own).
-    """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}. Received: mode={mode!r}")
-    if mode == "ema" and (
-        decay is None or isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0
-    ):
-        raise ValueError(
-            f"`decay` must be a float in [0, 1) when `mode='ema'`. Received: decay={decay!r}"
-        )
-    if mode != "ema" and decay is not None:
-        raise ValueError(
-            "`decay` is only used with `mode='ema'`; equal-weight SWA has no decay. "
-            f"Received: mode={mode!r}, decay={decay!r}"
-        )
-    if nonfinite not in _NONFINITE:
-        raise ValueError(
-            f"`nonfinite` must be one of {_NONFINITE}. Received: nonfinite={nonfinite!r}"
-        )
-
-
-def _variable_name(variable):
-    return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
 
 
 def _is_positive_number(value):
@@ -210,7 +177,7 @@ class SWA(keras.callbacks.Callback):
                 f"Received: start_epoch={start_epoch!r}, start_step={start_step!r}"
             )
         if start_epoch is not None:
-            if _is_int(start_epoch):
+            if is_int(start_epoch):
                 if start_epoch < 0:
                     raise ValueError(
                         "`start_epoch` must be a non-negative int or a float in (0, 1). "
@@ -223,11 +190,11 @@ class SWA(keras.callbacks.Callback):
                     "`start_epoch` must be a non-negative int or a float in (0, 1) (a fraction "
                     f"of the epochs passed to fit). Received: start_epoch={start_epoch!r}"
                 )
-        if start_step is not None and not (_is_int(start_step) and start_step >= 0):
+        if start_step is not None and not (is_int(start_step) and start_step >= 0):
             raise ValueError(
                 f"`start_step` must be a non-negative int. Received: start_step={start_step!r}"
             )
-        if not (_is_int(cycle_length) and cycle_length >= 1):
+        if not (is_int(cycle_length) and cycle_length >= 1):
             raise ValueError(
                 "`cycle_length` must be a positive integer. "
                 f"Received: cycle_length={cycle_length!r}"
@@ -261,13 +228,13 @@ class SWA(keras.callbacks.Callback):
                     f"`swa_lr` to `swa_lr_min`. Received: swa_lr={swa_lr!r}, "
                     f"swa_lr_min={swa_lr_min!r}"
                 )
-        if bn_steps is not None and not (_is_int(bn_steps) and bn_steps >= 1):
+        if bn_steps is not None and not (is_int(bn_steps) and bn_steps >= 1):
             raise ValueError(f"`bn_steps` must be a positive int. Received: bn_steps={bn_steps!r}")
         if export_dir is not None and not isinstance(export_dir, (str, bytes)) and not hasattr(
             export_dir, "__fspath__"
         ):
             raise TypeError(f"`export_dir` must be a path. Received: export_dir={export_dir!r}")
-        if backup_freq != "epoch" and not (_is_int(backup_freq) and backup_freq >= 1):
+        if backup_freq != "epoch" and not (is_int(backup_freq) and backup_freq >= 1):
             raise ValueError(
                 "`backup_freq` must be 'epoch' or a positive int number of steps. "
                 f"Received: backup_freq={backup_freq!r}"
@@ -276,17 +243,16 @@ class SWA(keras.callbacks.Callback):
             backup_dir, "__fspath__"
         ):
             raise TypeError(f"`backup_dir` must be a path. Received: backup_dir={backup_dir!r}")
-        if not (_is_int(swa_validation_freq) and swa_validation_freq >= 1):
+        if not (is_int(swa_validation_freq) and swa_validation_freq >= 1):
             raise ValueError(
                 "`swa_validation_freq` must be a positive int. "
                 f"Received: swa_validation_freq={swa_validation_freq!r}"
             )
         if verbose not in (0, 1):  # True and False are 1 and 0
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
-        _check_averaging_arguments(mode, decay, nonfinite)
-        # The rest of AveragedWeights' rule arguments, with its own checks, before training.
-        AveragedWeights._check_rule(
-            mode, decay, dynamic_decay, warmup_power, warmup_gamma, avg_fn, None
+        # AveragedWeights' own checks, made now: the callback creates it only at train begin.
+        rule_arguments.check_rule(
+            mode, decay, nonfinite, dynamic_decay, warmup_power, warmup_gamma, avg_fn
         )
         if variables is not None and not callable(variables):
             if not isinstance(variables, (list, tuple)):
@@ -404,12 +370,12 @@ class SWA(keras.callbacks.Callback):
         for v in self.variables:
             if id(v) not in own:
                 raise ValueError(
-                    f"`variables` must be variables of the model; {_variable_name(v)!r} is not "
+                    f"`variables` must be variables of the model; {model_variables.variable_name(v)!r} is not "
                     f"one of them. Received: variables={self.variables!r}"
                 )
             if id(v) in seen:
                 raise ValueError(
-                    f"`variables` lists {_variable_name(v)!r} twice. "
+                    f"`variables` lists {model_variables.variable_name(v)!r} twice. "
                     f"Received: variables={self.variables!r}"
                 )
             seen.add(id(v))
@@ -698,8 +664,7 @@ class SWA(keras.callbacks.Callback):
     def _evaluate_average(self):
         """Evaluates the averaged weights (BN recomputed), then restores every variable."""
         data = self.swa_validation_data
-        snapshot = snapshot_variables(self.model)
-        try:
+        with model_variables.restored(self.model):
             self.averaged.assign_to()
             if backend.batch_norm_layers(self.model):
                 update_bn(
@@ -710,8 +675,6 @@ class SWA(keras.callbacks.Callback):
                 results = self.model.evaluate(*data, verbose=0, return_dict=True)
             else:
                 results = self.model.evaluate(data, verbose=0, return_dict=True)
-        finally:
-            restore_variables(self.model, snapshot)
         return {f"val_swa_{name}": float(value) for name, value in results.items()}
 
     # ------------------------------------------------------------------ steps (bound per instance)

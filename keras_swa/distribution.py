@@ -24,6 +24,7 @@ __all__ = [
     "check_keras_distribution",
     "check_strategy",
     "find_strategy",
+    "is_chief",
     "refuse_keras_distribution",
 ]
 
@@ -36,6 +37,15 @@ def find_strategy(model_or_variables):
     if isinstance(strategy, tf.distribute.Strategy):
         return strategy
     return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes what all workers computed together (SavedModel, backup).
+
+    The task TensorFlow itself checkpoints from (`strategy.extended.should_checkpoint`): the
+    "chief" task, or worker 0 of a cluster without one; every process of any other strategy.
+    """
+    return bool(strategy.extended.should_checkpoint)
 
 
 def check_strategy(strategy, what):

@@ -25,7 +25,7 @@ import uuid
 
 import tensorflow as tf
 
-from keras_swa import backend
+from keras_swa import backend, distribution
 from keras_swa.backend import keras
 
 __all__ = ["export_saved_model", "model_inputs"]
@@ -111,7 +111,7 @@ def export_saved_model(
             "`signature_name` must be a non-empty string that is a valid Python identifier "
             f"(e.g. 'serving_default'). Received: signature_name={signature_name!r}"
         )
-    chief = _is_chief(model)
+    chief = distribution.is_chief(distribution.find_strategy(model))
     if chief:
         path = _check_path(path, overwrite)
     structure, specs = _serving_inputs(model, input_signature)
@@ -166,24 +166,6 @@ def export_saved_model(
         raise
     _fsync_dir(parent)
     return path
-
-
-def _is_chief(model):
-    """Whether this process writes the model: False only on a non-chief multi-worker task."""
-    if tf.distribute.has_strategy():
-        strategy = tf.distribute.get_strategy()
-    else:
-        strategy = getattr(model, "distribute_strategy", None)
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    resolver = strategy.cluster_resolver
-    task_type = getattr(resolver, "task_type", None)
-    if task_type is None:  # a single worker without a cluster
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (
-        task_type == "worker" and resolver.task_id == 0 and not has_chief
-    )
 
 
 def _check_path(path, overwrite):

@@ -9,29 +9,11 @@ the BatchNorm statistics for them; at the next epoch begin it restores every var
 training continues as if nothing had happened.
 """
 
-import tensorflow as tf
-
-from keras_swa import backend
+from keras_swa import backend, model_variables
 from keras_swa.backend import keras
 from keras_swa.batch_norm import update_bn
 
-__all__ = ["SwapAveragedWeights", "restore_variables", "snapshot_variables"]
-
-
-def snapshot_variables(model):
-    """Copies of the values of every variable of `model` (trainable or not), in their dtype."""
-    if backend.backend_name() == "jax":
-        from keras_swa.backends.jax import copy_as, sync
-
-        sync(model)  # during `fit` the trainer keeps the state outside the variables
-        return [copy_as(v.value, v.value.dtype) for v in model.variables]
-    return [tf.identity(tf.convert_to_tensor(v)) for v in model.variables]
-
-
-def restore_variables(model, snapshot):
-    """Writes back values taken by `snapshot_variables` (bit-identical)."""
-    for variable, value in zip(model.variables, snapshot):
-        variable.assign(value)
+__all__ = ["SwapAveragedWeights"]
 
 
 class SwapAveragedWeights(keras.callbacks.Callback):
@@ -73,14 +55,15 @@ class SwapAveragedWeights(keras.callbacks.Callback):
         averaged = self.swa.averaged
         if averaged is None or int(averaged.n_averaged.numpy()) == 0:
             return
-        self._backup = snapshot_variables(self.model)
+        model_variables.sync(self.model)
+        self._backup = model_variables.copy_values(self.model.variables)
         averaged.assign_to()  # the variables SWA tracks: all, or those `variables=` chose
         if self.bn_data is not None:
             update_bn(self.model, self.bn_data, batch_size=self.bn_batch_size, verbose=0)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._backup is not None:
-            restore_variables(self.model, self._backup)
+            model_variables.assign_values(self.model.variables, self._backup)
             self._backup = None
 
     def on_train_end(self, logs=None):
