@@ -1,7 +1,8 @@
 """Every ```python block of README.md and docs/*.md runs (tf_keras swapped in under TF_USE_LEGACY_KERAS).
 
 A block runs as written, in a fresh namespace and an empty working directory; its own `assert`s
-and the errors it raises are what fail the test. Blocks that build a `tf.distribute` strategy run
+and the errors it raises are what fail the test. Blocks whose first line reads
+`# TensorFlow only: <why>` run only on the TensorFlow backend; every other block runs on JAX too. Blocks that build a `tf.distribute` strategy run
 in a subprocess, since a strategy's collectives stay set up for the whole process; so do blocks
 that choose their own Keras backend (`os.environ["KERAS_BACKEND"] = ...`), which only a fresh
 process can.
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from keras_swa.backend import IS_KERAS_3
+from keras_swa.backend import IS_KERAS_3, backend_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ["README.md"] + sorted(
@@ -72,9 +73,15 @@ def test_every_python_fence_is_collected():
 )
 def test_example_runs(document, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if not IS_KERAS_3:
+    first_line = code.splitlines()[0]
+    if first_line.startswith("# TensorFlow only:") and backend_name() != "tensorflow":
+        # The block shows a TensorFlow API (tf.function, tf.distribute, tf.train.Checkpoint),
+        # and says so in its first line: it has no meaning on another Keras backend.
+        pytest.skip(first_line[2:])
+    own_backend = 'os.environ["KERAS_BACKEND"]' in code  # written for a Keras 3 backend
+    if not IS_KERAS_3 and not own_backend:
         code = re.sub(r"^import keras$", "import tf_keras as keras", code, flags=re.M)
-    if "Strategy(" in code or 'os.environ["KERAS_BACKEND"]' in code:
+    if "Strategy(" in code or own_backend:
         script = tmp_path / "example.py"
         script.write_text(code)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
