@@ -73,6 +73,9 @@ NAME = "memory_benchmark"
 TARGET = 1.05
 
 STAGES = ("averages_created", "first_update", "later_updates", "swap")
+# The stages the target applies to: the state when created, and the steady-state update (the
+# first update also holds XLA's compilation; swap holds the weights' backup by design).
+TARGET_STAGES = ("averages_created", "later_updates")
 MIB = 2**20
 
 
@@ -260,7 +263,8 @@ def main(_):
                    f"{summary[name]['growth_in_stage']:.3f}"]
             if on_jax:
                 row.append(f"{summary[name]['live_arrays_over_weights']:.3f}")
-            rows.append(row + ["met" if extra <= TARGET else "NOT met"])
+            verdict = "met" if extra <= TARGET else "NOT met"
+            rows.append(row + [verdict if name in TARGET_STAGES else "not a target"])
         kept = (stages["first_update"]["end"] - stages["first_update"]["begin"]) / MIB
         summary["first_update_resident_growth_mib"] = kept
         start_up = stages["xla_start_up"]
@@ -302,10 +306,13 @@ def main(_):
         )
     if on_jax:
         notes.append(
-            "swap (not a target) peaks at two extra copies of the parameters on JAX: "
-            "`AveragedWeights.swap()` takes `averages` (copies of the averages) and assigns a "
-            "further copy of each into the weights while it holds the weights' own arrays to "
-            "restore them."
+            "swap (not a target) grows by "
+            + ", ".join(f"{k} {v['in_param_copies']['swap']['growth_in_stage']:.2f}"
+                        for k, v in results.items())
+            + " copies of the parameters on JAX: a `jax.Array` is immutable, so the averages go "
+            "into the weights as new arrays (one copy each, made from the averages' own "
+            "arrays) while `swap()` keeps the weights' old arrays to restore them; one copy is "
+            "the floor."
         )
     title = (
         f"# Peak memory of the SWA state: {FLAGS.num_params:,} fp32 parameters "
@@ -354,7 +361,7 @@ def main(_):
             "met": result["in_param_copies"][stage]["extra_over_weights"] <= TARGET,
         }
         for nonfinite, result in results.items()
-        for stage in ("averages_created", "later_updates")
+        for stage in TARGET_STAGES
     ]
     config = {"quick": FLAGS.quick, "num_params": FLAGS.num_params,
               "tensor_size": FLAGS.tensor_size, "updates": FLAGS.updates}

@@ -531,6 +531,16 @@ class AveragedWeights(tf.Module):
             return [t.value for t in targets]
         return [tf.identity(tf.convert_to_tensor(t)) for t in targets]
 
+    def _put_back(self, targets, backup):
+        """Restores what `_copy` took (bit for bit)."""
+        if self._jax is not None:
+            # The variables' own former arrays, which nothing has donated since (see `_copy`):
+            # handing them back needs no copy.
+            for target, value in zip(targets, backup):
+                target.assign(value)
+            return
+        self._assign(targets, backup)
+
     @contextlib.contextmanager
     def swap(self, model=None):
         """Context manager: the averages are in the model inside, the original weights after.
@@ -548,7 +558,7 @@ class AveragedWeights(tf.Module):
         try:
             yield self
         finally:
-            self._assign(targets, backup)
+            self._put_back(targets, backup)
 
     # ------------------------------------------------------------------ Keras-style saving
 
