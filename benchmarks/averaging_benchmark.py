@@ -525,8 +525,7 @@ def main(_):
         f"{machine.get('load_average_at_start')} at the start); minimums approximate the "
         "uncontended cost. torch's OpenMP threads slow down most when the cores are shared."
     )
-    load = [machine.get("load_average_at_start"), bench.machine_info().get("load_average_at_start")]
-    busiest = max((max(x) for x in load if x), default=0.0)
+    busiest = bench.busiest_load(machine)
     if busiest > machine["cpu_count"]:
         notes.append(
             f"the machine was busy during this run (load average up to {busiest} on "

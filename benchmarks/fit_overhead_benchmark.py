@@ -411,8 +411,7 @@ def main(_):
         f"median (load average {machine.get('load_average_at_start')} at the start); verdicts "
         "use medians of per-round ratios, the minimums approximate the uncontended cost.",
     ]
-    load = [machine.get("load_average_at_start"), bench.machine_info().get("load_average_at_start")]
-    busiest = max((max(x) for x in load if x), default=0.0)
+    busiest = bench.busiest_load(machine)
     if busiest > machine["cpu_count"]:
         lines.append(
             f"The machine was busy during this run (load average up to {busiest} on "

@@ -47,6 +47,7 @@ flags.DEFINE_bool(
 
 __all__ = [
     "FLAGS",
+    "busiest_load",
     "command_line",
     "interleave",
     "machine_info",
@@ -186,6 +187,15 @@ def machine_info():
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def busiest_load(machine):
+    """The highest load average (1, 5 or 15 minutes) at the start (`machine`) and now, or 0.0.
+
+    A value above the CPU count means other processes shared the cores during the run.
+    """
+    loads = [machine.get("load_average_at_start"), machine_info().get("load_average_at_start")]
+    return max((max(load) for load in loads if load), default=0.0)
 
 
 def versions(**extra):

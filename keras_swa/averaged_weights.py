@@ -127,10 +127,6 @@ class AveragedWeights(tf.Module):
     >>> peak = AveragedWeights(model, avg_fn=lambda avg, w, n: tf.maximum(avg, w))
     """
 
-    # Variables with fewer floats than this share one flat average (`keras_swa.packing`);
-    # subclasses that update the averages themselves set 0.
-    _pack_below = packing.PACK_BELOW
-
     def __init__(
         self,
         model_or_variables,
@@ -181,7 +177,7 @@ class AveragedWeights(tf.Module):
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
         # A custom `avg_fn` may not be elementwise: it gets one average per variable.
-        pack_below = 0 if self._custom_rule else self._pack_below
+        pack_below = 0 if self._custom_rule else packing.PACK_BELOW
         self._layout = packing.Layout([v.shape for v in variables], pack_below)
         layout = self._layout
         with self._strategy.scope():
@@ -436,17 +432,10 @@ class AveragedWeights(tf.Module):
         return self._finite_or_report(flags)
 
     def _update_jax(self):
-        state = self._jax
-        if state.update():
-            return True
-        if state.at_limit():
-            raise OverflowError(
-                f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
-                f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
-                "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
-                "AveragedWeights for an int64 count."
-            )
-        return self._finite_or_report(state.finite_flags())
+        from keras_swa.backends import jax as jax_backend
+
+        flags = jax_backend.run_update(self._jax, "AveragedWeights")
+        return True if flags is None else self._finite_or_report(flags)
 
     def _finite_or_report(self, flags, poisoned="the average"):
         """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""

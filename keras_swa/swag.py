@@ -274,17 +274,10 @@ class SWAG(tf.Module):
         return True
 
     def _update_jax(self):
-        state = self._jax
-        if state.update():
-            return True
-        if state.at_limit():
-            raise OverflowError(
-                f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
-                f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
-                "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
-                "SWAG for an int64 count."
-            )
-        return self._finite_or_report(state.finite_flags())
+        from keras_swa.backends import jax as jax_backend
+
+        flags = jax_backend.run_update(self._jax, "SWAG")
+        return True if flags is None else self._finite_or_report(flags)
 
     def _finite_or_report(self, flags):
         return finite_check.report(

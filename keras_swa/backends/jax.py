@@ -84,6 +84,29 @@ def sync(model):
         state_sync()
 
 
+def run_update(state, owner):
+    """Runs `state.update()`; `None` if the capture was folded in, else its finite flags.
+
+    For the JAX states of `AveragedWeights` and `SWAG` (`update`, `at_limit`, `finite_flags`,
+    `count`): a capture refused because the count is full raises here; one refused for
+    NaN/Inf returns the per-variable flags for the caller to report.
+
+    Args:
+        state: the JAX state whose compiled update to run.
+        owner: the public class name, for the error message (e.g. `"SWAG"`).
+    """
+    if state.update():
+        return None
+    if state.at_limit():
+        raise OverflowError(
+            f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
+            f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
+            "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
+            f"{owner} for an int64 count."
+        )
+    return state.finite_flags()
+
+
 class Averages:
     """The averages and count of `keras_swa.AveragedWeights` on JAX (see the module docstring).
 
