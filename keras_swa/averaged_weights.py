@@ -499,9 +499,7 @@ class AveragedWeights(tf.Module):
 
     def _assign_averages(self, targets):
         if self._jax is not None:
-            # The averages' own arrays, not `averages` (a copy of each): `write` copies each one
-            # once into its target, so a swap holds one extra copy of the weights, not two.
-            self._jax.write(targets, [average.value for average in self._jax.averages])
+            self._jax.write_averages(targets)
             return
         self._assign(targets, list(self.averages))
 

@@ -196,6 +196,14 @@ class Averages:
         for target, value in zip(targets, values):
             target.assign(copy_as(value, target.dtype))
 
+    def write_averages(self, targets):
+        """Writes each average into its target (cast to the target's dtype), tracked order.
+
+        Each average is copied once, straight from its own array (not from `values()`, a copy
+        of each): a `swap` then holds one extra copy of the weights, not two.
+        """
+        self.write(targets, [average.value for average in self.averages])
+
     def finite_flags(self):
         """One bool per tracked variable (a NumPy array): are all its values finite?"""
         sync(self.model)
