@@ -5,8 +5,10 @@ average per tracked variable and an integer `n_averaged`, and `update()` folds t
 into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math), behind a
 NaN/Inf check of the capture run first in the same graph call (`keras_swa.finite_check`). The
 averages of small variables share one flat buffer (`keras_swa.packing`), so that the call runs
-one kernel for them instead of one each. It is a `tf.Module`, so `tf.train.Checkpoint(swa=averaged)` and
-`keras.callbacks.BackupAndRestore` carry the averages and the count; `save_weights` /
+one kernel for them instead of one each. On TensorFlow it is a `tf.Module`, so
+`tf.train.Checkpoint(swa=averaged)` and `keras.callbacks.BackupAndRestore` carry the averages and
+the count; on JAX it is not (`keras_swa.backend.StateModule`), and a `tf.train.Checkpoint`
+refuses it. On every backend `save_weights` /
 `load_weights` (and Keras' `save_own_variables` / `load_own_variables` store protocol) put them
 in a `.weights.h5` file (`keras_swa.weights_file`). The rule is SWA's mean, an EMA (with an
 optional warm-up of its decay), or the user's `avg_fn`, one pure function either way (`_rule`).
@@ -44,7 +46,7 @@ def _as_tf_variable_dtype(variable):
     return tf.as_dtype(getattr(variable, "dtype", tf.float32))
 
 
-class AveragedWeights(tf.Module):
+class AveragedWeights(backend.StateModule):
     """Running average of a model's weights, updated by one compiled call.
 
     Create it once the model is built, call `update()` whenever the current weights should be

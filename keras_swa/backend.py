@@ -35,6 +35,7 @@ __all__ = [
     "set_learning_rate",
     "steps_per_execution",
     "tf_variable",
+    "StateModule",
 ]
 
 if os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes"):
@@ -308,3 +309,28 @@ def tf_variable(variable):
     if IS_KERAS_3 and isinstance(variable, keras.Variable):
         return variable.value
     return variable
+
+
+class _NamedState:
+    """The base of keras_swa's stateful objects off TensorFlow: a name, nothing tracked.
+
+    On JAX their state is `keras.Variable`s, which `tf.train.Checkpoint` cannot save. Were they
+    `tf.Module`s there, a checkpoint would accept them and silently write and restore nothing;
+    as plain objects, `tf.train.Checkpoint(swa=averaged)` refuses them at once ("expecting ...
+    a trackable object"), as it refuses a Keras 3 model on JAX.
+    """
+
+    def __init__(self, name=None):
+        self._name = name
+
+    @property
+    def name(self):
+        """The name given at construction."""
+        return self._name
+
+
+# The base class of `AveragedWeights`, `SWAG` and `FGE`: a `tf.Module` (carried by
+# `tf.train.Checkpoint`) where their state is `tf.Variable`s, i.e. on TensorFlow and tf_keras;
+# a plain named object on the other Keras backends (see `_NamedState`). Fixed when keras_swa is
+# imported, like the Keras backend itself.
+StateModule = tf.Module if backend_name() == "tensorflow" else _NamedState

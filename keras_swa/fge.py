@@ -36,7 +36,7 @@ def _value(snapshot):
     return snapshot.value if backend.backend_name() == "jax" else snapshot
 
 
-class FGE(tf.Module):
+class FGE(backend.StateModule):
     """A Fast Geometric Ensemble: snapshots of a model whose probabilities are averaged.
 
     Call `add()` (or its alias `update()`) at the end of every learning-rate cycle; `predict()`
@@ -48,7 +48,8 @@ class FGE(tf.Module):
     same number of members exists on restore. Single device; under a `tf.distribute` strategy
     the snapshots are taken from the model's (mirrored) weights but not mirrored themselves.
     On JAX the snapshots are `keras.Variable` copies (synced from a running `fit`, never the
-    model's own buffers), which `tf.train.Checkpoint` does not carry.
+    model's own buffers), which `tf.train.Checkpoint` cannot carry: it refuses the `FGE` there
+    (`keras_swa.backend.StateModule`).
 
     Args:
         model: a built Keras model (functional or Sequential for `export_saved_model`).

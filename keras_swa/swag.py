@@ -15,8 +15,8 @@ squared deviations (Welford's algorithm, so no `E[w^2] - E[w]^2` cancellation) a
 of the deviation ring buffer. On TensorFlow (Keras 3 and tf_keras) the statistics are fp32
 `tf.Variable`s of one `tf.Module`, carried by `tf.train.Checkpoint`, and the call is an
 XLA-compiled `tf.function` run per device under a `tf.distribute` strategy; on JAX they are
-`keras.Variable`s and the call is one `jax.jit` with the statistics donated
-(`keras_swa.backends.jax_swag`).
+`keras.Variable`s, which `tf.train.Checkpoint` refuses (`keras_swa.backend.StateModule`), and the
+call is one `jax.jit` with the statistics donated (`keras_swa.backends.jax_swag`).
 """
 
 import contextlib
@@ -86,7 +86,7 @@ def _statistic(shape, name):
     return state_variable(tf.zeros(shape, tf.float32), name)
 
 
-class SWAG(tf.Module):
+class SWAG(backend.StateModule):
     """SWA-Gaussian: a diagonal plus low-rank Gaussian over a model's weights.
 
     Call `update()` at the SWA captures (the end of each learning-rate cycle), exactly as for
