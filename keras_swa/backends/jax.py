@@ -1,11 +1,19 @@
 """The averaging state on the JAX backend: `keras.Variable`s updated by ONE `jax.jit` call.
 
-`Averages` keeps one float32 average per tracked variable and the capture count as
-non-trainable `keras.Variable`s, and folds the current weights into all of them with a single
-compiled program built from the shared math of `keras_swa.averaging`. The averages' buffers and
-the count are donated to that program (`donate_argnums`), so XLA writes the new averages into
-the same memory: the update holds no second copy of the averages. The program is traced once;
-later calls with the same shapes and dtypes reuse it.
+`Averages` keeps the float32 averages and the capture count as non-trainable `keras.Variable`s,
+and folds the current weights into all of them with a single compiled program built from the
+shared math of `keras_swa.averaging`. The averages' buffers and the count are donated to that
+program (`donate_argnums`), so XLA writes the new averages into the same memory: the update
+holds no second copy of the averages. The program is traced once; later calls with the same
+shapes and dtypes reuse it.
+
+As on TensorFlow (`keras_swa.packing`), every variable smaller than `packing.PACK_BELOW` floats
+keeps its average as a slice of ONE flat float32 variable, and every larger one has its own:
+each buffer the program writes is one more output (and, on XLA:CPU, one more kernel), and
+ResNet-50's 162 small tensors (0.4% of its weights) as 162 outputs cost ~0.15x the floor of
+the whole update, plus a Python `assign` each. The rule is still given one average per tracked
+variable, of that variable's shape (a slice of the flat one for a packed variable), so a
+custom `avg_fn`/`multi_avg_fn`, elementwise or not, sees what it would see unpacked.
 
 JAX specifics this module follows:
 
@@ -20,14 +28,19 @@ JAX specifics this module follows:
   (int64 with x64). It is exact up to 2**31 - 1 captures -- 68 years at one capture per second
   -- and a capture beyond that is refused (`OverflowError`), never wrapped around.
 - The NaN/Inf check is the same two-step test as on TensorFlow (`keras_swa.finite_check`): a
-  float32 sum per weight tensor, which is finite exactly when no value is NaN/Inf unless finite
-  values overflow the sum; only then does the exact per-element test run (`lax.cond`). A refused
-  capture leaves every average and the count bit for bit as they were (`where(ok, new, old)`,
-  fused into the update's loop).
+  float32 sum per large weight tensor and one over the small ones packed together, which is
+  finite exactly when no value is NaN/Inf unless finite values overflow the sum; only then does
+  the exact per-element test run (`lax.cond`). A refused capture leaves every average and the
+  count bit for bit as they were (`where(ok, new, old)`, fused into the update's loop). The
+  check must finish before the first average is written, so it is a second read of the
+  weights; on XLA:CPU its sums (YNNPACK reductions) read at about half the speed of the
+  update's elementwise loops, which makes the checked update ~1.7-1.9x the floor, not the
+  1.33x that its bytes alone would cost (`benchmarks/averaging_benchmark.py`).
 - Under a `keras.distribution.DataParallel` (`keras_swa.distribution.check_keras_distribution`)
-  the variables are replicated over the mesh. Each average is placed with its variable's
-  sharding and the count replicated over the same devices, whether or not the distribution is
-  still in effect when the averages are made; reset and restored values keep those placements.
+  the variables are replicated over the mesh. Each own average is placed with its variable's
+  sharding, the flat average of the small ones and the count replicated over the same devices,
+  whether or not the distribution is still in effect when the averages are made; reset and
+  restored values keep those placements.
   The inputs' shardings are then the same at every call, so the update is traced once, and the
   donated buffers are reused in place on every device.
 """
