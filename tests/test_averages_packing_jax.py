@@ -44,17 +44,20 @@ def _snapshot(variables):
     return [np.asarray(v.numpy(), np.float64) for v in variables]
 
 
-def _averages(variables, pack_below, check=True):
-    """A JAX `Averages` with the SWA rule of `AveragedWeights` and the given layout."""
-    rule = AveragedWeights(variables)._rule()
-    return jax_backend.Averages(variables, rule, check=check, pack_below=pack_below)
+def _averages(variables, pack_below, elementwise=False, check=True, **kwargs):
+    """A JAX `Averages` with the rule of `AveragedWeights(**kwargs)` and the given layout."""
+    rule = AveragedWeights(variables, **kwargs)._rule()
+    return jax_backend.Averages(
+        variables, rule, check=check, pack_below=pack_below, elementwise=elementwise
+    )
 
 
+@pytest.mark.parametrize("elementwise", [False, True])
 @pytest.mark.parametrize("pack_below", [0, 16384, 10**9])
-def test_packed_and_unpacked_layouts_give_numpys_mean(pack_below):
+def test_packed_and_unpacked_layouts_give_numpys_mean(pack_below, elementwise):
     model = _model()
     variables = model.trainable_variables
-    state = _averages(variables, pack_below)
+    state = _averages(variables, pack_below, elementwise)
     own, packed = state.layout.own, state.layout.packed
     if pack_below == 0:
         assert packed == [] and len(state.storage) == len(variables)
@@ -80,6 +83,41 @@ def test_packed_and_unpacked_layouts_give_numpys_mean(pack_below):
         assert holders[i] is state.storage[-1]
     assert int(state.count.numpy()) == 5
     assert state.traces == 1
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_packed_ema_matches_numpy(elementwise):
+    model = _model()
+    variables = model.trainable_variables
+    state = _averages(variables, 16384, elementwise, mode="ema", decay=0.9)
+    rng = np.random.default_rng(4)
+    expected = None
+    for _ in range(4):
+        _perturb(variables, rng)
+        snap = _snapshot(variables)
+        expected = snap if expected is None else [0.9 * e + 0.1 * s for e, s in zip(expected, snap)]
+        assert state.update() is True
+    for value, e in zip(state.values(), expected):
+        np.testing.assert_allclose(np.asarray(value), e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shape_dependent_rule_sees_each_packed_variable_with_its_shape():
+    # Elementwise in every op, but it picks its formula from the shape: given the flat array
+    # it would treat every packed variable as a vector. The default (elementwise=False) gives
+    # it views of the variables' own shapes.
+    def rule(averages, values, n):
+        return [v * 2.0 if len(a.shape) == 2 else v + 0.0 * a for a, v in zip(averages, values)]
+
+    model = _model()
+    variables = model.trainable_variables
+    state = jax_backend.Averages(variables, rule, check=True)
+    assert len(state.layout.packed) > 1
+    rng = np.random.default_rng(5)
+    _perturb(variables, rng)
+    snap = _snapshot(variables)
+    state.update()
+    for value, s in zip(state.values(), snap):
+        np.testing.assert_allclose(np.asarray(value), s * 2.0 if s.ndim == 2 else s, rtol=1e-6)
 
 
 def test_a_rule_that_is_not_elementwise_sees_each_variable_on_its_own():
@@ -139,15 +177,16 @@ def test_finite_small_weights_whose_sum_overflows_are_folded_in():
     np.testing.assert_array_equal(np.asarray(averaged.averages[2]), np.full([5], big))
 
 
-def test_every_stored_average_is_updated_in_place():
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("check", [False, True])
+def test_every_stored_average_is_updated_in_place(elementwise, check):
     model = _model()
-    averaged = AveragedWeights(model)
-    state = averaged._jax
-    averaged.update()
+    state = _averages(model.trainable_variables, 16384, elementwise, check)
+    state.update()
     before = [a.value for a in state.storage]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "Some donated buffers were not usable"
-        averaged.update()
+        state.update()
     assert all(array.is_deleted() for array in before)
     assert state.traces == 1
 
@@ -177,3 +216,25 @@ def test_swap_and_restore_through_the_packed_average():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     restored.reset()
     assert all(not np.asarray(a).any() for a in restored.averages)
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_refused_capture_leaves_each_layouts_state_bit_for_bit(elementwise, value):
+    model = _model()
+    variables = model.trainable_variables
+    state = _averages(variables, 16384, elementwise)
+    rng = np.random.default_rng(6)
+    _perturb(variables, rng)
+    assert state.update() is True
+    stored = [np.asarray(a.value).copy() for a in state.storage]
+    small = variables[state.layout.packed[-1]]
+    poisoned = small.numpy()
+    poisoned.flat[0] = value
+    small.assign(poisoned)
+    assert state.update() is False
+    assert int(state.count.numpy()) == 1
+    for before, after in zip(stored, state.storage):
+        np.testing.assert_array_equal(before.view(np.uint32), np.asarray(after.value).view(np.uint32))
+    flags = state.finite_flags()
+    assert not flags[state.layout.packed[-1]] and flags.sum() == len(variables) - 1
