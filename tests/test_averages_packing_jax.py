@@ -161,7 +161,8 @@ def test_a_refused_capture_leaves_the_packed_state_bit_for_bit(where):
         assert averaged.update() is False
     assert int(averaged.n_averaged.numpy()) == 2
     for before, after in zip(stored, state.storage):
-        np.testing.assert_array_equal(before.view(np.uint32), np.asarray(after.value).view(np.uint32))
+        after = np.asarray(after.value)
+        np.testing.assert_array_equal(before.view(np.uint32), after.view(np.uint32))
 
 
 def test_finite_small_weights_whose_sum_overflows_are_folded_in():
@@ -235,6 +236,7 @@ def test_a_refused_capture_leaves_each_layouts_state_bit_for_bit(elementwise, va
     assert state.update() is False
     assert int(state.count.numpy()) == 1
     for before, after in zip(stored, state.storage):
-        np.testing.assert_array_equal(before.view(np.uint32), np.asarray(after.value).view(np.uint32))
+        after = np.asarray(after.value)
+        np.testing.assert_array_equal(before.view(np.uint32), after.view(np.uint32))
     flags = state.finite_flags()
     assert not flags[state.layout.packed[-1]] and flags.sum() == len(variables) - 1
