@@ -36,7 +36,7 @@ JAX specifics this module follows:
   count bit for bit as they were (`where(ok, new, old)`, fused into the update's loop). The
   check must finish before the first average is written, so it is a second read of the
   weights; on XLA:CPU its sums (YNNPACK reductions) read at about half the speed of the
-  update's elementwise loops, which makes the checked update ~2x the floor, not the
+  update's elementwise loops, which makes the checked update ~1.7-2.2x the floor, not the
   1.33x that its bytes alone would cost (`benchmarks/averaging_benchmark.py`).
 - Under a `keras.distribution.DataParallel` (`keras_swa.distribution.check_keras_distribution`)
   the variables are replicated over the mesh. Each own average is placed with its variable's
