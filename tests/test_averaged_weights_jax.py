@@ -86,7 +86,7 @@ def test_one_compiled_update_in_place_that_never_retraces():
     state = averaged._jax
     rng = np.random.default_rng(2)
     averaged.update()
-    before = [a.value for a in state.averages]
+    before = [a.value for a in state.storage]
     for _ in range(4):
         _perturb(model.trainable_variables, rng)
         averaged.update()
@@ -101,7 +101,7 @@ def test_one_compiled_update_in_place_that_never_retraces():
     assert all(array.is_deleted() for array in before)
     # One program: the update of every average is in one lowered module.
     lowered = state._update.lower(
-        [a.value for a in state.averages],
+        [a.value for a in state.storage],
         state.count.value,
         [v.value for v in model.trainable_variables],
     )

@@ -3,7 +3,9 @@
 The same two-step test as `keras_swa.finite_check` on TensorFlow: a float32 sum per weight
 tensor, which is finite exactly when no value is NaN/Inf unless finite values overflow the sum;
 only then does the exact per-element test run (`lax.cond`). Both are pure and traced into the
-caller's compiled update.
+caller's compiled update. `keras_swa.backends.jax.Averages` gives the fast test the small
+tensors packed into one float32 array (one sum instead of one per tensor) and the exact test
+every tensor on its own, so that its flags name the variable that holds the NaN/Inf.
 """
 
 import jax
