@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from keras_swa import model_variables
 
-__all__ = ["POLICIES", "all_finite", "finite_flags", "report", "sums_are_finite"]
+__all__ = ["POLICIES", "all_finite", "finite_flags", "refused", "report", "sums_are_finite"]
 
 # What an update may do with a non-finite capture: raise, skip it (with a warning), or not check.
 POLICIES = ("raise", "skip", "ignore")
@@ -90,3 +90,35 @@ def report(flags, variables, nonfinite, n_averaged, poisoned="the average"):
         raise FloatingPointError(message)
     warnings.warn(message + " The capture is skipped.", stacklevel=4)
     return False
+
+
+def refused(state, variables, nonfinite, owner, poisoned="the average"):
+    """Acts on a capture the backend state refused (`state.update()` returned `False`).
+
+    A full count raises (only JAX's int32 count can fill up); otherwise a weight is NaN or
+    infinite, and the exact flags (`state.finite_flags()`) go to `report`.
+
+    Args:
+        state: the backend state (`keras_swa.backends.*`): `count`, `at_limit`, `finite_flags`.
+        variables: the tracked variables, for the name of the first bad one.
+        nonfinite: `"raise"` or `"skip"`.
+        owner: the public class, for the messages (e.g. `"SWAG"`).
+        poisoned: what the capture would have poisoned, for the message.
+
+    Returns:
+        `False` (after a warning) for a skipped capture.
+
+    Raises:
+        OverflowError: if the count holds its dtype's largest value.
+        FloatingPointError: with `nonfinite="raise"`.
+    """
+    if state.at_limit():
+        raise OverflowError(
+            f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
+            f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
+            "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
+            f"{owner} for an int64 count."
+        )
+    return report(
+        state.finite_flags(), variables, nonfinite, int(state.count.numpy()), poisoned
+    )

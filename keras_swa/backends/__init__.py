@@ -1,8 +1,12 @@
 """What differs per Keras backend: one module each, beside the shared code in `keras_swa/`.
 
-The averaging math (`keras_swa.averaging`), the callback, the schedules and the data handling
-are written once. What cannot be shared lives here:
+The averaging math (`keras_swa.averaging`), the public classes' arguments and rules, the
+callback, the schedules and the data handling are written once. What cannot be shared lives
+here, one module per backend and concept, with the same interface on each backend:
 
+- `keras_swa.backends.tensorflow`: the averaging state as `tf.Variable`s and its update as ONE
+  `tf.function(jit_compile=True)` per device under `tf.distribute`, small averages packed into
+  one flat variable (`keras_swa.packing`); also for tf_keras.
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
 - `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
@@ -14,10 +18,11 @@ are written once. What cannot be shared lives here:
 - `keras_swa.backends.jax_export`: what `export_saved_model` checks and syncs before Keras'
   `ExportArchive` converts the model through jax2tf.
 
-The TensorFlow path (`tf.function(jit_compile=True)` per device under `tf.distribute`, the
-packed small averages, the checkpointed `tf.Variable`s) is in `keras_swa.averaged_weights`,
-`keras_swa.batch_norm`, `keras_swa.packing` and `keras_swa.finite_check`, and serves tf_keras
-as well. Which entry point runs on which backend is `keras_swa.backend.SUPPORTED_BACKENDS`.
+The rest of the TensorFlow path (`SWAG`'s statistics, the NaN/Inf test, the BatchNorm pass)
+is still in `keras_swa.swag`, `keras_swa.finite_check` and `keras_swa.batch_norm`. On
+TensorFlow the public classes are `tf.Module`s that hold their state's variables under fixed
+attribute names, so checkpoints keep their keys (tests/test_checkpoint_keys.py). Which entry
+point runs on which backend is `keras_swa.backend.SUPPORTED_BACKENDS`.
 """
 
 __all__ = []
