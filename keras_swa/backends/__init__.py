@@ -7,6 +7,8 @@ here, one module per backend and concept, with the same interface on each backen
 - `keras_swa.backends.tensorflow`: the averaging state as `tf.Variable`s and its update as ONE
   `tf.function(jit_compile=True)` per device under `tf.distribute`, small averages packed into
   one flat variable (`keras_swa.packing`); also for tf_keras.
+- `keras_swa.backends.tensorflow_swag`: `SWAG`'s statistics updated by ONE XLA `tf.function`
+  per device, and its draws from `tf.random.stateless_normal`.
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
 - `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
@@ -18,8 +20,8 @@ here, one module per backend and concept, with the same interface on each backen
 - `keras_swa.backends.jax_export`: what `export_saved_model` checks and syncs before Keras'
   `ExportArchive` converts the model through jax2tf.
 
-The rest of the TensorFlow path (`SWAG`'s statistics, the NaN/Inf test, the BatchNorm pass)
-is still in `keras_swa.swag`, `keras_swa.finite_check` and `keras_swa.batch_norm`. On
+The rest of the TensorFlow path (the NaN/Inf test, the BatchNorm pass) is still in
+`keras_swa.finite_check` and `keras_swa.batch_norm`. On
 TensorFlow the public classes are `tf.Module`s that hold their state's variables under fixed
 attribute names, so checkpoints keep their keys (tests/test_checkpoint_keys.py). Which entry
 point runs on which backend is `keras_swa.backend.SUPPORTED_BACKENDS`.
