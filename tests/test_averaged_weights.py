@@ -345,8 +345,8 @@ def test_bad_nonfinite_policy():
 
 
 # Shapes that take each path of the storage (keras_swa.packing) and so of the NaN/Inf test
-# (keras_swa.finite_check, a sum per stored tensor): large tensors with averages of their own,
-# and two small ones whose values are packed into one flat average.
+# (keras_swa.backends.tensorflow_finite_check, a sum per stored tensor): large tensors with
+# averages of their own, and two small ones whose values are packed into one flat average.
 _PROBE_SHAPES = [(256, 272), (65537,), (3,), (7, 2)]
 
 

@@ -26,7 +26,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend, finite_check, packing
+from keras_swa import backend, packing
+from keras_swa.backends import tensorflow_finite_check
 from keras_swa.state_variables import state_variable
 
 __all__ = ["Averages"]
@@ -81,7 +82,7 @@ class Averages:
         self._device_updates = {}  # "device checked=?" -> the concrete function of its update
         # The exact per-variable test that names a bad variable (rare path; not XLA, so that
         # its temporaries are freed, not kept with a compiled program).
-        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
+        self._finite_fn = tf.function(tensorflow_finite_check.finite_flags, autograph=False)
 
     # ------------------------------------------------------------------ the stored averages
 
@@ -155,10 +156,10 @@ class Averages:
     def _make_checked_update(self, compiled, variables):
         """`compiled` behind the fast NaN/Inf test of `variables`; returns the test's result.
 
-        The test (`finite_check.sums_are_finite`: a sum per stored tensor) runs as ordinary
-        TensorFlow ops before the compiled call: measured on ResNet-50's weights, TensorFlow's
-        own reductions read faster than XLA-CPU's and, unlike those, leave nothing behind
-        (the XLA ones kept ~0.9 MiB of compiled program per tensor).
+        The test (`tensorflow_finite_check.sums_are_finite`: a sum per stored tensor) runs as
+        ordinary TensorFlow ops before the compiled call: measured on ResNet-50's weights,
+        TensorFlow's own reductions read faster than XLA-CPU's and, unlike those, leave nothing
+        behind (the XLA ones kept ~0.9 MiB of compiled program per tensor).
         """
         layout, variables = self.layout, list(variables)
 
@@ -166,9 +167,8 @@ class Averages:
             values = [variables[i] for i in layout.own]
             if layout.packed:
                 values.append(layout.pack(variables))
-            return tf.cond(
-                finite_check.sums_are_finite(values), compiled, lambda: tf.constant(False)
-            )
+            finite = tensorflow_finite_check.sums_are_finite(values)
+            return tf.cond(finite, compiled, lambda: tf.constant(False))
 
         return tf.function(checked, autograph=False)
 
@@ -198,7 +198,7 @@ class Averages:
 
         def exact():
             return tf.cond(
-                finite_check.all_finite(variables),
+                tensorflow_finite_check.all_finite(variables),
                 lambda: self._local_update(storage, variables, n_averaged, check=False),
                 lambda: tf.constant(False),
             )

@@ -24,7 +24,8 @@ interface of `keras_swa.backends.jax_swag.Statistics` (`means`, `m2s`, `deviatio
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import averaging, backend, finite_check
+from keras_swa import averaging, backend
+from keras_swa.backends import tensorflow_finite_check
 from keras_swa.state_variables import state_variable
 
 __all__ = ["Statistics"]
@@ -108,7 +109,7 @@ class Statistics:
         self.count_limit = int(np.iinfo(np.int64).max)
         self._variables = tuple(backend.tf_variable(v) for v in variables)
         self._distributed = strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
-        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
+        self._finite_fn = tf.function(tensorflow_finite_check.finite_flags, autograph=False)
         self._update_fn = tf.function(
             lambda a, m, d, v, n, ok: _swag_update(a, m, d, v, n, ok, max_rank),
             jit_compile=True,
