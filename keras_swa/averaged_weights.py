@@ -24,11 +24,9 @@ UAI 2018, arXiv 1803.05407.
 """
 
 import contextlib
-import json
-
-import numpy as np
 
 from keras_swa import (
+    averages_store,
     averaging,
     backend,
     distribution,
@@ -37,7 +35,7 @@ from keras_swa import (
     rule_arguments,
     weights_file,
 )
-from keras_swa.backend import keras, ops
+from keras_swa.backend import keras
 
 __all__ = ["AveragedWeights"]
 
@@ -203,50 +201,11 @@ class AveragedWeights(backend.StateModule):
         return self._avg_fn is not None or self._multi_avg_fn is not None
 
     def _rule(self):
-        """The averaging rule, `(averages, values, n) -> new averages` on lists of fp32 tensors.
-
-        Pure, written on `keras_swa.backend.ops` and the user's functions: the backends compile
-        it (`tf.function(jit_compile=True)`, `jax.jit`) with `n` a scalar tensor, so the decay
-        of a dynamic EMA is computed inside the compiled update.
-        """
-        mode, decay = self._mode, self._decay
-        dynamic, power, gamma = self._dynamic_decay, self._warmup_power, self._warmup_gamma
-        avg_fn, multi_avg_fn = self._avg_fn, self._multi_avg_fn
-
-        def custom(averages, values, n):
-            values = [ops.cast(v, "float32") for v in values]
-            if multi_avg_fn is not None:
-                new = multi_avg_fn(list(averages), list(values), n)
-                name = "multi_avg_fn"
-                if not isinstance(new, (list, tuple)) or len(new) != len(averages):
-                    raise ValueError(
-                        f"`multi_avg_fn` must return a list of {len(averages)} tensors, one per "
-                        f"average. Received: {type(new).__name__} {new!r:.200}"
-                    )
-            else:
-                new = [avg_fn(a, v, n) for a, v in zip(averages, values)]
-                name = "avg_fn"
-            out = []
-            first = ops.equal(n, 0)
-            for i, (average, value, result) in enumerate(zip(averages, values, new)):
-                result = ops.cast(ops.convert_to_tensor(result), "float32")
-                if tuple(result.shape) != tuple(average.shape):
-                    raise ValueError(
-                        f"`{name}` must return averages of the averages' shapes: average {i} "
-                        f"has shape {tuple(average.shape)}, `{name}` returned shape "
-                        f"{tuple(result.shape)}."
-                    )
-                # As torch's `AveragedModel`: the first update copies the weights.
-                out.append(ops.where(first, value, result))
-            return out
-
-        def builtin(averages, values, n):
-            if mode == "swa":
-                return [averaging.swa_update(a, v, n) for a, v in zip(averages, values)]
-            d = averaging.ema_decay(decay, n, dynamic, power, gamma)
-            return [averaging.ema_update(a, v, d, n) for a, v in zip(averages, values)]
-
-        return custom if self._custom_rule else builtin
+        """The averaging rule, `(averages, values, n) -> new averages` (`averaging.rule`)."""
+        return averaging.rule(
+            self._mode, self._decay, self._dynamic_decay, self._warmup_power,
+            self._warmup_gamma, self._avg_fn, self._multi_avg_fn,
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -388,8 +347,7 @@ class AveragedWeights(backend.StateModule):
             rule = "avg_fn"
         else:
             rule = self._mode
-        shapes = [[int(d) for d in v.shape] for v in self._source.variables]
-        return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
+        return averages_store.fingerprint(rule, self._source.variables)
 
     def _check_store_support(self, method):
         # The store holds the averages and the count; a subclass with more state
@@ -409,18 +367,15 @@ class AveragedWeights(backend.StateModule):
         `"0"`, `"1"`, ... the fp32 average of each tracked variable, in the order of
         `tracked_variables`; `"n_averaged"`, the count (int64); and `"fingerprint"`, the
         averaging rule and the shapes of the tracked variables as UTF-8 JSON bytes, which
-        `load_own_variables` checks.
+        `load_own_variables` checks (`keras_swa.averages_store`).
 
         Args:
             store: a dict-like, written with `store[key] = numpy_array`.
         """
         self._check_store_support("save_own_variables")
         self._state.sync()
-        fingerprint = json.dumps(self._fingerprint()).encode("utf-8")
-        store["fingerprint"] = np.frombuffer(fingerprint, np.uint8)
-        store["n_averaged"] = np.asarray(int(self.n_averaged.numpy()), np.int64)
-        for i, average in enumerate(self.averages):
-            store[str(i)] = np.asarray(average, np.float32)
+        count = int(self.n_averaged.numpy())
+        averages_store.fill(store, self._fingerprint(), self.averages, count)
 
     def load_own_variables(self, store):
         """Restores the averages and `n_averaged` saved by `save_own_variables`.
@@ -433,58 +388,10 @@ class AveragedWeights(backend.StateModule):
             store: a dict-like with the keys `save_own_variables` writes.
         """
         self._check_store_support("load_own_variables")
-
-        def get(key):
-            try:
-                return np.asarray(store[key])
-            except KeyError:
-                raise ValueError(
-                    f"The store holds no {key!r} entry: it was not saved by "
-                    "`AveragedWeights.save_own_variables`."
-                ) from None
-
-        try:
-            saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("The store's 'fingerprint' entry is not readable.") from None
-        mine = self._fingerprint()
-        if saved.get("format") != mine["format"]:
-            raise ValueError(
-                "The store was not saved by `AveragedWeights.save_own_variables`. "
-                f"Received: format={saved.get('format')!r}"
-            )
-        if saved["rule"] != mine["rule"]:
-            raise ValueError(
-                f"The saved averages were made by the {saved['rule']!r} rule, this "
-                f"AveragedWeights uses {mine['rule']!r}: `mode`, `avg_fn` and `multi_avg_fn` "
-                f"must match. Received: rule={saved['rule']!r}"
-            )
-        if len(saved["shapes"]) != len(mine["shapes"]):
-            raise ValueError(
-                f"The saved averages are of {len(saved['shapes'])} variables, this "
-                f"AveragedWeights tracks {len(mine['shapes'])}. "
-                f"Received: {len(saved['shapes'])} saved averages"
-            )
-        values = []
-        for i, (shape, variable) in enumerate(zip(mine["shapes"], self._source.variables)):
-            value = get(str(i))
-            if list(value.shape) != shape or saved["shapes"][i] != shape:
-                raise ValueError(
-                    f"Variable {i} ({model_variables.variable_name(variable)!r}) has shape "
-                    f"{tuple(shape)} but its saved average has shape {tuple(value.shape)}. "
-                    f"Received: saved shapes={saved['shapes']}"
-                )
-            values.append(value.astype(np.float32))
-        count = get("n_averaged")
-        # The largest count this backend holds (JAX without x64: int32).
-        limit = self._state.count_limit
-        if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
-            0 <= int(count) <= limit
-        ):
-            raise ValueError(
-                f"`n_averaged` must be an integer in [0, {limit}]. Received: n_averaged={count!r}"
-            )
-        self._state.restore(values, int(count))
+        values, count = averages_store.read(
+            store, self._fingerprint(), self._source.variables, self._state.count_limit
+        )
+        self._state.restore(values, count)
 
     def save_weights(self, filepath):
         """Saves the averages and `n_averaged` to a `.weights.h5` file (HDF5), atomically.
