@@ -12,6 +12,8 @@ here, one module per backend and concept, with the same interface on each backen
 - `keras_swa.backends.tensorflow_finite_check`: the NaN/Inf test of a capture, as TensorFlow
   reductions run before the XLA update (what a refused capture then does is shared:
   `keras_swa.finite_check`).
+- `keras_swa.backends.tensorflow_batch_norm`: the BatchNorm pass of `update_bn` as a
+  `tf.function` per replica under `tf.distribute` (optionally XLA-compiled).
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
 - `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
@@ -23,8 +25,7 @@ here, one module per backend and concept, with the same interface on each backen
 - `keras_swa.backends.jax_export`: what `export_saved_model` checks and syncs before Keras'
   `ExportArchive` converts the model through jax2tf.
 
-The rest of the TensorFlow path, the BatchNorm pass, is still in `keras_swa.batch_norm`. On
-TensorFlow the public classes are `tf.Module`s that hold their state's variables under fixed
+On TensorFlow the public classes are `tf.Module`s that hold their state's variables under fixed
 attribute names, so checkpoints keep their keys (tests/test_checkpoint_keys.py). Which entry
 point runs on which backend is `keras_swa.backend.SUPPORTED_BACKENDS`.
 """
