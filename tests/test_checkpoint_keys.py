@@ -1,8 +1,9 @@
 """The checkpoint keys of keras_swa's state on TensorFlow, pinned.
 
-`tf.train.Checkpoint` (and `BackupAndRestore` through `keras_swa.backup.StateBackup`) saves a
-`tf.Module`'s variables under the names of the attributes that hold them. The TensorFlow state
-lives in `keras_swa.backends.tensorflow*`, but `AveragedWeights` and `SWAG` hold its variables
+`tf.train.Checkpoint` (and `BackupAndRestore` through
+`keras_swa.backends.tensorflow_backup.StateBackup`) saves a `tf.Module`'s variables under the
+names of the attributes that hold them. The TensorFlow state lives in
+`keras_swa.backends.tensorflow*`, but `AveragedWeights` and `SWAG` hold its variables
 under the names their checkpoints have always had; a checkpoint written before must restore
 after any move of the code. The expected keys are written out here, not computed from the code.
 """
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from keras_swa import SWAG, AveragedWeights
 from keras_swa.backend import keras
-from keras_swa.backup import StateBackup
+from keras_swa.backends.tensorflow_backup import StateBackup
 
 pytestmark = pytest.mark.tf_only("tf.train.Checkpoint carries the tf.Variables of TensorFlow")
 

@@ -14,6 +14,8 @@ here, one module per backend and concept, with the same interface on each backen
   `keras_swa.finite_check`).
 - `keras_swa.backends.tensorflow_batch_norm`: the BatchNorm pass of `update_bn` as a
   `tf.function` per replica under `tf.distribute` (optionally XLA-compiled).
+- `keras_swa.backends.tensorflow_backup`: SWA's crash-safe state for `BackupAndRestore` as
+  `tf.train.Checkpoint`s keyed by the optimizer step (elsewhere: `keras_swa.backup_files`).
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
   `jax.jit`-compiled call with the averages' buffers donated (updated in place).
 - `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
