@@ -2,48 +2,42 @@
 
 This is keras_swa's analogue of torch's `torch.optim.swa_utils.AveragedModel`: it holds one fp32
 average per tracked variable and an integer `n_averaged`, and `update()` folds the current weights
-into every average in ONE XLA-compiled call (see `keras_swa.averaging` for the math), behind a
-NaN/Inf check of the capture run first in the same graph call (`keras_swa.finite_check`). The
-averages of small variables share one flat buffer (`keras_swa.packing`), so that the call runs
-one kernel for them instead of one each. On TensorFlow it is a `tf.Module`, so
-`tf.train.Checkpoint(swa=averaged)` and `keras.callbacks.BackupAndRestore` carry the averages and
-the count; on JAX it is not (`keras_swa.backend.StateModule`), and a `tf.train.Checkpoint`
-refuses it. On every backend `save_weights` /
-`load_weights` (and Keras' `save_own_variables` / `load_own_variables` store protocol) put them
-in a `.weights.h5` file (`keras_swa.weights_file`). The rule is SWA's mean, an EMA (with an
-optional warm-up of its decay), or the user's `avg_fn`, one pure function either way (`_rule`).
+into every average in ONE compiled call, behind a NaN/Inf check of the capture
+(`keras_swa.finite_check`). This module is the part every backend shares: the arguments, the
+averaging rule (SWA's mean, an EMA with an optional warm-up of its decay, or the user's
+`avg_fn`; one pure function, `_rule`, on `keras_swa.averaging`), writing the averages into a
+model (`assign_to`, `swap`), Keras-style saving and the report of a refused capture. The state
+and its compiled update belong to the backend (`self._state`, one interface):
+`keras_swa.backends.tensorflow.Averages` (`tf.Variable`s, one XLA `tf.function` per device under
+`tf.distribute`, small averages packed into one buffer; also tf_keras) or
+`keras_swa.backends.jax.Averages` (`keras.Variable`s, one donated `jax.jit`).
+
+On TensorFlow `AveragedWeights` is a `tf.Module` holding the state's variables under fixed
+attribute names, so `tf.train.Checkpoint(swa=averaged)` and `keras.callbacks.BackupAndRestore`
+carry the averages and the count; on JAX it is not (`keras_swa.backend.StateModule`), and a
+`tf.train.Checkpoint` refuses it. On every backend `save_weights` / `load_weights` (and Keras'
+`save_own_variables` / `load_own_variables` store protocol) put them in a `.weights.h5` file
+(`keras_swa.weights_file`).
 
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
 UAI 2018, arXiv 1803.05407.
 """
 
 import contextlib
-import functools
-import json
-
-import numpy as np
-
-import tensorflow as tf
 
 from keras_swa import (
+    averages_store,
     averaging,
     backend,
     distribution,
     finite_check,
     model_variables,
-    packing,
     rule_arguments,
     weights_file,
 )
-from keras_swa.backend import keras, ops
-from keras_swa.state_variables import state_variable
+from keras_swa.backend import keras
 
 __all__ = ["AveragedWeights"]
-
-
-
-def _as_tf_variable_dtype(variable):
-    return tf.as_dtype(getattr(variable, "dtype", tf.float32))
 
 
 class AveragedWeights(backend.StateModule):
@@ -163,52 +157,42 @@ class AveragedWeights(backend.StateModule):
 
         variables = model_variables.collect(model_or_variables, self._include_non_trainable)
         self._source = model_variables.Untracked(variables=tuple(variables))
-        # On JAX the state and its compiled update are `keras_swa.backends.jax.Averages`;
-        # everything below is the TensorFlow path (tf_keras included).
-        self._jax = None
+        self._state = self._make_state(model_or_variables, variables)
+
+    def _make_state(self, model_or_variables, variables):
+        """The backend's averages and their compiled update (`keras_swa.backends`)."""
+        check = self._nonfinite != "ignore"
         if backend.backend_name() == "jax":
             from keras_swa.backends import jax as jax_backend
 
             distribution.check_keras_distribution("keras_swa.AveragedWeights")
             model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
-            self._jax = jax_backend.Averages(
-                variables, self._rule(), check=nonfinite != "ignore", model=model
-            )
-            return
-        self._strategy = distribution.check_strategy(
+            return jax_backend.Averages(variables, self._rule(), check=check, model=model)
+        from keras_swa.backends import tensorflow as tf_backend
+
+        strategy = distribution.check_strategy(
             distribution.find_strategy(model_or_variables), "AveragedWeights"
         )
-        # A custom `avg_fn` may not be elementwise: it gets one average per variable.
-        pack_below = 0 if self._custom_rule else packing.PACK_BELOW
-        self._layout = packing.Layout([v.shape for v in variables], pack_below)
-        layout = self._layout
-        with self._strategy.scope():
-            # The checkpointed state: an average per large variable, one flat average of the
-            # small ones (`keras_swa.packing`), and the count.
-            self._own_averages = [
-                state_variable(tf.zeros(layout.shapes[i], tf.float32), f"average_{i}")
-                for i in layout.own
-            ]
-            self._packed_averages = (
-                state_variable(tf.zeros([layout.packed_size], tf.float32), "packed_averages")
-                if layout.packed
-                else None
-            )
-            self._count = state_variable(tf.constant(0, tf.int64), "n_averaged")
-        self._tf_variables = model_variables.Untracked(
-            variables=tuple(backend.tf_variable(v) for v in variables)
+        state = tf_backend.Averages(
+            variables,
+            self._rule(),
+            check=check,
+            strategy=strategy,
+            elementwise=not self._custom_rule,  # a user's rule may not be: nothing packed
+            assert_finite=self._nonfinite == "raise",
         )
-        self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
-        # One compiled update per device, over that device's copies captured by closure: a
-        # call then passes no arguments. (Passing the 2 x 214 variables of ResNet-50 as
-        # arguments cost ~0.3x the whole update in `tf.function`'s argument handling.) It is
-        # traced once, on the first `update()`, and called as a concrete function after.
-        self._update_fn = None  # the single-device (or first device's) XLA `tf.function`
-        self._device_compiled = {}  # device -> its XLA `tf.function`
-        self._device_updates = {}  # "device checked=?" -> the concrete function of its update
-        # The exact per-variable test that names a bad variable (rare path; not XLA, so that
-        # its temporaries are freed, not kept with a compiled program).
-        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
+        # The checkpointed variables, held by this `tf.Module` under the attribute names its
+        # checkpoints have always had (the state object itself is not tracked): an average
+        # per large variable, one flat average of the small ones, and the count.
+        self._own_averages = state.own_averages
+        self._packed_averages = state.packed_averages
+        self._count = state.count
+        return state
+
+    @property
+    def _jax(self):
+        """The JAX state (`keras_swa.backends.jax.Averages`), or `None` on TensorFlow."""
+        return self._state if backend.backend_name() == "jax" else None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -217,50 +201,11 @@ class AveragedWeights(backend.StateModule):
         return self._avg_fn is not None or self._multi_avg_fn is not None
 
     def _rule(self):
-        """The averaging rule, `(averages, values, n) -> new averages` on lists of fp32 tensors.
-
-        Pure, written on `keras_swa.backend.ops` and the user's functions: the backends compile
-        it (`tf.function(jit_compile=True)`, `jax.jit`) with `n` a scalar tensor, so the decay
-        of a dynamic EMA is computed inside the compiled update.
-        """
-        mode, decay = self._mode, self._decay
-        dynamic, power, gamma = self._dynamic_decay, self._warmup_power, self._warmup_gamma
-        avg_fn, multi_avg_fn = self._avg_fn, self._multi_avg_fn
-
-        def custom(averages, values, n):
-            values = [ops.cast(v, "float32") for v in values]
-            if multi_avg_fn is not None:
-                new = multi_avg_fn(list(averages), list(values), n)
-                name = "multi_avg_fn"
-                if not isinstance(new, (list, tuple)) or len(new) != len(averages):
-                    raise ValueError(
-                        f"`multi_avg_fn` must return a list of {len(averages)} tensors, one per "
-                        f"average. Received: {type(new).__name__} {new!r:.200}"
-                    )
-            else:
-                new = [avg_fn(a, v, n) for a, v in zip(averages, values)]
-                name = "avg_fn"
-            out = []
-            first = ops.equal(n, 0)
-            for i, (average, value, result) in enumerate(zip(averages, values, new)):
-                result = ops.cast(ops.convert_to_tensor(result), "float32")
-                if tuple(result.shape) != tuple(average.shape):
-                    raise ValueError(
-                        f"`{name}` must return averages of the averages' shapes: average {i} "
-                        f"has shape {tuple(average.shape)}, `{name}` returned shape "
-                        f"{tuple(result.shape)}."
-                    )
-                # As torch's `AveragedModel`: the first update copies the weights.
-                out.append(ops.where(first, value, result))
-            return out
-
-        def builtin(averages, values, n):
-            if mode == "swa":
-                return [averaging.swa_update(a, v, n) for a, v in zip(averages, values)]
-            d = averaging.ema_decay(decay, n, dynamic, power, gamma)
-            return [averaging.ema_update(a, v, d, n) for a, v in zip(averages, values)]
-
-        return custom if self._custom_rule else builtin
+        """The averaging rule, `(averages, values, n) -> new averages` (`averaging.rule`)."""
+        return averaging.rule(
+            self._mode, self._decay, self._dynamic_decay, self._warmup_power,
+            self._warmup_gamma, self._avg_fn, self._multi_avg_fn,
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -288,115 +233,15 @@ class AveragedWeights(backend.StateModule):
     def n_averaged(self):
         """The number of captures folded in: an int64 `tf.Variable` on TensorFlow; on JAX an
         int32 `keras.Variable` (int64 with `jax_enable_x64`, see `keras_swa.backends.jax`)."""
-        if self._jax is not None:
-            return self._jax.count
-        return self._count
+        return self._state.count
 
     @property
     def averages(self):
         """The current average of each tracked variable: fp32 tensors, in the order of
         `tracked_variables` (a snapshot; write them into a model with `assign_to` or `swap`)."""
-        if self._jax is not None:
-            return self._jax.values()
-        own = [tf.convert_to_tensor(a) for a in self._own_averages]
-        packed = self._packed_averages
-        return self._layout.unpack(own, None if packed is None else tf.convert_to_tensor(packed))
-
-    def _storage(self):
-        """The variables that hold the averages: the own ones, then the packed one if any."""
-        packed = [] if self._packed_averages is None else [self._packed_averages]
-        return list(self._own_averages) + packed
+        return self._state.values()
 
     # ------------------------------------------------------------------ the update
-
-    def _make_update(self, storage, variables, n_averaged):
-        """The compiled update of one device's `storage` (see `_storage`) from `variables`."""
-        rule, layout = self._rule(), self._layout
-        storage, variables = list(storage), list(variables)
-
-        def update_all():
-            n = n_averaged.read_value()
-            values = [variables[i] for i in layout.own]
-            if layout.packed:
-                values.append(layout.pack(variables))
-            new = rule([average.read_value() for average in storage], values, n)
-            for average, value in zip(storage, new):
-                average.assign(value)
-            n_averaged.assign_add(1)
-            return tf.constant(True)
-
-        return tf.function(update_all, jit_compile=True, autograph=False)
-
-    def _make_checked_update(self, compiled, variables):
-        """`compiled` behind the fast NaN/Inf test of `variables`; returns the test's result.
-
-        The test (`finite_check.sums_are_finite`: a sum per stored tensor) runs as ordinary
-        TensorFlow ops before the compiled call: measured on ResNet-50's weights, TensorFlow's
-        own reductions read faster than XLA-CPU's and, unlike those, leave nothing behind
-        (the XLA ones kept ~0.9 MiB of compiled program per tensor).
-        """
-        layout, variables = self._layout, list(variables)
-
-        def checked():
-            values = [variables[i] for i in layout.own]
-            if layout.packed:
-                values.append(layout.pack(variables))
-            return tf.cond(
-                finite_check.sums_are_finite(values), compiled, lambda: tf.constant(False)
-            )
-
-        return tf.function(checked, autograph=False)
-
-    def _local_update(self, storage, variables, n_averaged, check=True):
-        """Runs (building on first use) the update of one device's copies.
-
-        Eagerly this is the checked call alone; `update()` handles a failed fast test. In a
-        graph (inside a `tf.function`), a failed fast test is decided here, per device, by
-        the exact test, and a capture that passes it is folded in without the fast test.
-        """
-        check = check and self._nonfinite != "ignore"
-        device = n_averaged.device
-        key = f"{device} checked={check}"  # a str: tf.Module tracks this dict
-        if key not in self._device_updates:
-            compiled = self._device_compiled.get(device)
-            if compiled is None:
-                compiled = self._make_update(storage, variables, n_averaged)
-                self._device_compiled[device] = compiled
-                if self._update_fn is None:
-                    self._update_fn = compiled
-            function = self._make_checked_update(compiled, variables) if check else compiled
-            self._device_updates[key] = function.get_concrete_function()
-        ok = self._device_updates[key]()
-        if not check or tf.executing_eagerly():
-            return ok
-        variables = list(variables)
-
-        def exact():
-            return tf.cond(
-                finite_check.all_finite(variables),
-                lambda: self._local_update(storage, variables, n_averaged, check=False),
-                lambda: tf.constant(False),
-            )
-
-        return tf.cond(ok, lambda: tf.constant(True), exact)
-
-    def _update_on_each_device(self, strategy=None, check=True):
-        # `extended.update` calls the function once per device with that device's local
-        # copies of the averages, the weights and the count: no cross-device traffic.
-        strategy = strategy or self._strategy
-
-        def local_update(n_averaged, storage, variables):
-            return self._local_update(storage, variables, n_averaged, check)
-
-        results = strategy.extended.update(
-            self._count,
-            local_update,
-            args=(self._storage(), list(self._tf_variables.variables)),
-            group=True,
-        )
-        return tf.reduce_all(
-            tf.stack([tf.reshape(r, []) for r in strategy.experimental_local_results(results)])
-        )
 
     def update(self):
         """Folds the current weights into every average (one compiled call) and counts it.
@@ -416,64 +261,21 @@ class AveragedWeights(backend.StateModule):
             FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
                 averages and `n_averaged` are left untouched.
         """
-        if self._jax is not None:
-            return self._update_jax()
-        ok = self._apply_update()
-        if self._nonfinite == "ignore":
-            return True if tf.executing_eagerly() else None
-        if not tf.executing_eagerly():
-            if self._nonfinite == "raise":
-                tf.debugging.Assert(ok, ["Non-finite weights: SWA capture refused."])
-            return None
-        if bool(ok):
-            return True
-        # Rare path: the exact test decides, and names the bad variables.
-        flags = self._finite_fn(list(self._tf_variables.variables)).numpy()
-        if flags.all():  # finite weights whose sum overflowed: fold them in after all
-            return bool(self._apply_update(check=False))
-        return self._finite_or_report(flags)
-
-    def _update_jax(self):
-        from keras_swa.backends import jax as jax_backend
-
-        flags = jax_backend.run_update(self._jax, "AveragedWeights")
-        return True if flags is None else self._finite_or_report(flags)
-
-    def _finite_or_report(self, flags, poisoned="the average"):
-        """`True` if all flags are set; else raises or warns (per `nonfinite`) and `False`."""
-        return finite_check.report(
-            flags, self._source.variables, self._nonfinite, int(self.n_averaged.numpy()), poisoned
+        ok = self._state.update()
+        if ok is None or ok:  # `None`: inside a `tf.function`, whose graph checked the capture
+            return ok
+        return finite_check.refused(
+            self._state, self._source.variables, self._nonfinite, "AveragedWeights"
         )
-
-    def _apply_update(self, check=True):
-        """Runs the compiled update on every device; returns the (bool scalar) all-finite flag."""
-        if not self._distributed:
-            return self._local_update(
-                self._storage(), self._tf_variables.variables, self._count, check
-            )
-        update = functools.partial(self._update_on_each_device, check=check)
-        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            # Inside `strategy.run`: step out to the cross-replica context once.
-            return tf.distribute.get_replica_context().merge_call(update)
-        if tf.distribute.has_strategy():
-            return update()
-        with self._strategy.scope():
-            return update()
 
     def reset(self):
         """Forgets every capture: the next `update()` starts a new average."""
-        if self._jax is not None:
-            self._jax.reset()
-            return
-        for average in self._storage():
-            average.assign(tf.zeros_like(average))
-        self._count.assign(0)
+        self._state.reset()
 
     # ------------------------------------------------------------------ writing back
 
     def _check_target(self, model):
-        if self._jax is not None:
-            self._jax.sync(model)
+        self._state.sync(model)
         if model is None:
             return list(self._source.variables)
         return model_variables.matching(
@@ -497,28 +299,15 @@ class AveragedWeights(backend.StateModule):
         """
         self._require_captures()
         targets = self._check_target(model)
-        self._assign_averages(targets)
-
-    def _assign_averages(self, targets):
-        if self._jax is not None:
-            self._jax.write_averages(targets)
-            return
-        self._assign(targets, list(self.averages))
-
-    def _assign(self, targets, values):
-        if self._jax is not None:
-            self._jax.write(targets, values)
-            return
-        for target, value in zip(targets, values):
-            target.assign(tf.cast(value, _as_tf_variable_dtype(target)))
+        self._state.write_averages(targets)
 
     def _copy(self, targets):
-        """The values of `targets`, kept apart from them until restored."""
+        """The values of `targets`, kept apart from them until restored (`_put_back`)."""
         if self._jax is not None:
             # A `jax.Array` is immutable and no longer held by the variable once the averages
             # are assigned, so nothing can donate or change it: a reference is a copy.
             return [t.value for t in targets]
-        return [tf.identity(tf.convert_to_tensor(t)) for t in targets]
+        return model_variables.copy_values(targets)
 
     def _put_back(self, targets, backup):
         """Restores what `_copy` took (bit for bit)."""
@@ -528,7 +317,7 @@ class AveragedWeights(backend.StateModule):
             for target, value in zip(targets, backup):
                 target.assign(value)
             return
-        self._assign(targets, backup)
+        self._state.write(targets, backup)
 
     @contextlib.contextmanager
     def swap(self, model=None):
@@ -543,7 +332,7 @@ class AveragedWeights(backend.StateModule):
         self._require_captures()
         targets = self._check_target(model)
         backup = self._copy(targets)
-        self._assign_averages(targets)
+        self._state.write_averages(targets)
         try:
             yield self
         finally:
@@ -558,8 +347,7 @@ class AveragedWeights(backend.StateModule):
             rule = "avg_fn"
         else:
             rule = self._mode
-        shapes = [[int(d) for d in v.shape] for v in self._source.variables]
-        return {"format": "keras_swa.AveragedWeights", "rule": rule, "shapes": shapes}
+        return averages_store.fingerprint(rule, self._source.variables)
 
     def _check_store_support(self, method):
         # The store holds the averages and the count; a subclass with more state
@@ -579,19 +367,15 @@ class AveragedWeights(backend.StateModule):
         `"0"`, `"1"`, ... the fp32 average of each tracked variable, in the order of
         `tracked_variables`; `"n_averaged"`, the count (int64); and `"fingerprint"`, the
         averaging rule and the shapes of the tracked variables as UTF-8 JSON bytes, which
-        `load_own_variables` checks.
+        `load_own_variables` checks (`keras_swa.averages_store`).
 
         Args:
             store: a dict-like, written with `store[key] = numpy_array`.
         """
         self._check_store_support("save_own_variables")
-        if self._jax is not None:
-            self._jax.sync()
-        fingerprint = json.dumps(self._fingerprint()).encode("utf-8")
-        store["fingerprint"] = np.frombuffer(fingerprint, np.uint8)
-        store["n_averaged"] = np.asarray(int(self.n_averaged.numpy()), np.int64)
-        for i, average in enumerate(self.averages):
-            store[str(i)] = np.asarray(average, np.float32)
+        self._state.sync()
+        count = int(self.n_averaged.numpy())
+        averages_store.fill(store, self._fingerprint(), self.averages, count)
 
     def load_own_variables(self, store):
         """Restores the averages and `n_averaged` saved by `save_own_variables`.
@@ -604,70 +388,10 @@ class AveragedWeights(backend.StateModule):
             store: a dict-like with the keys `save_own_variables` writes.
         """
         self._check_store_support("load_own_variables")
-
-        def get(key):
-            try:
-                return np.asarray(store[key])
-            except KeyError:
-                raise ValueError(
-                    f"The store holds no {key!r} entry: it was not saved by "
-                    "`AveragedWeights.save_own_variables`."
-                ) from None
-
-        try:
-            saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("The store's 'fingerprint' entry is not readable.") from None
-        mine = self._fingerprint()
-        if saved.get("format") != mine["format"]:
-            raise ValueError(
-                "The store was not saved by `AveragedWeights.save_own_variables`. "
-                f"Received: format={saved.get('format')!r}"
-            )
-        if saved["rule"] != mine["rule"]:
-            raise ValueError(
-                f"The saved averages were made by the {saved['rule']!r} rule, this "
-                f"AveragedWeights uses {mine['rule']!r}: `mode`, `avg_fn` and `multi_avg_fn` "
-                f"must match. Received: rule={saved['rule']!r}"
-            )
-        if len(saved["shapes"]) != len(mine["shapes"]):
-            raise ValueError(
-                f"The saved averages are of {len(saved['shapes'])} variables, this "
-                f"AveragedWeights tracks {len(mine['shapes'])}. "
-                f"Received: {len(saved['shapes'])} saved averages"
-            )
-        values = []
-        for i, (shape, variable) in enumerate(zip(mine["shapes"], self._source.variables)):
-            value = get(str(i))
-            if list(value.shape) != shape or saved["shapes"][i] != shape:
-                raise ValueError(
-                    f"Variable {i} ({model_variables.variable_name(variable)!r}) has shape "
-                    f"{tuple(shape)} but its saved average has shape {tuple(value.shape)}. "
-                    f"Received: saved shapes={saved['shapes']}"
-                )
-            values.append(value.astype(np.float32))
-        count = get("n_averaged")
-        # The largest count this backend holds (JAX without x64: int32).
-        limit = np.iinfo(np.int64).max if self._jax is None else self._jax.count_limit
-        if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
-            0 <= int(count) <= limit
-        ):
-            raise ValueError(
-                f"`n_averaged` must be an integer in [0, {limit}]. Received: n_averaged={count!r}"
-            )
-        self._restore(values, int(count))
-
-    def _restore(self, values, count):
-        """Writes checked averages (fp32 NumPy arrays, tracked order) and the count."""
-        if self._jax is not None:
-            self._jax.restore(values, count)
-            return
-        layout = self._layout
-        for average, i in zip(self._own_averages, layout.own):
-            average.assign(values[i])
-        if self._packed_averages is not None:
-            self._packed_averages.assign(layout.pack(values))
-        self._count.assign(count)
+        values, count = averages_store.read(
+            store, self._fingerprint(), self._source.variables, self._state.count_limit
+        )
+        self._state.restore(values, count)
 
     def save_weights(self, filepath):
         """Saves the averages and `n_averaged` to a `.weights.h5` file (HDF5), atomically.

@@ -9,7 +9,8 @@ visits:
 which is exact for any n (the first update, n = 0, copies `w`). The exponential moving average
 (`average = decay * average + (1 - decay) * w`) is the other mode keras_swa offers; its first update
 copies too, as Keras' optimizer EMA does. These functions are all the algorithm there is:
-`AveragedWeights` applies them to every variable in one XLA-compiled call, on every backend
+`rule` builds from them (or from the user's `avg_fn`) the one pure function that
+`AveragedWeights` applies to every variable in one XLA-compiled call, on every backend
 (`tf.function(jit_compile=True)` on TensorFlow, `jax.jit` on JAX: `keras_swa.backends`).
 
 They are written on `keras_swa.backend.ops` (`keras.ops` with Keras 3, TensorFlow with
@@ -18,7 +19,7 @@ tf_keras), so that the one definition serves every backend.
 
 from keras_swa.backend import ops
 
-__all__ = ["ema_decay", "ema_update", "swa_update", "welford_m2"]
+__all__ = ["ema_decay", "ema_update", "rule", "swa_update", "welford_m2"]
 
 
 def swa_update(average, value, n_averaged):
@@ -148,3 +149,57 @@ def welford_m2(m2, value, old_mean, new_mean, n_averaged):
     """
     first = ops.equal(n_averaged, 0)
     return ops.where(first, ops.zeros_like(m2), m2 + (value - old_mean) * (value - new_mean))
+
+
+def rule(mode="swa", decay=None, dynamic_decay=False, warmup_power=None, warmup_gamma=1.0,
+         avg_fn=None, multi_avg_fn=None):
+    """The averaging rule of `AveragedWeights`: `(averages, values, n) -> new averages`.
+
+    Pure, on lists of fp32 tensors, written on `keras_swa.backend.ops` and the user's
+    functions: the backends compile it (`tf.function(jit_compile=True)`, `jax.jit`) with `n` a
+    scalar tensor, so the decay of a dynamic EMA is computed inside the compiled update. The
+    arguments are those of `AveragedWeights` (checked by `keras_swa.rule_arguments`); with
+    `avg_fn` or `multi_avg_fn` the first update copies the weights, as torch's does.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_swa.backend import ops
+    >>> update = rule("ema", decay=0.5)
+    >>> [float(np.asarray(a)[0]) for a in update([ops.zeros([1])], [ops.ones([1])], 1)]
+    [0.5]
+    """
+    def custom(averages, values, n):
+        values = [ops.cast(v, "float32") for v in values]
+        if multi_avg_fn is not None:
+            new = multi_avg_fn(list(averages), list(values), n)
+            name = "multi_avg_fn"
+            if not isinstance(new, (list, tuple)) or len(new) != len(averages):
+                raise ValueError(
+                    f"`multi_avg_fn` must return a list of {len(averages)} tensors, one per "
+                    f"average. Received: {type(new).__name__} {new!r:.200}"
+                )
+        else:
+            new = [avg_fn(a, v, n) for a, v in zip(averages, values)]
+            name = "avg_fn"
+        out = []
+        first = ops.equal(n, 0)
+        for i, (average, value, result) in enumerate(zip(averages, values, new)):
+            result = ops.cast(ops.convert_to_tensor(result), "float32")
+            if tuple(result.shape) != tuple(average.shape):
+                raise ValueError(
+                    f"`{name}` must return averages of the averages' shapes: average {i} "
+                    f"has shape {tuple(average.shape)}, `{name}` returned shape "
+                    f"{tuple(result.shape)}."
+                )
+            # As torch's `AveragedModel`: the first update copies the weights.
+            out.append(ops.where(first, value, result))
+        return out
+
+    def builtin(averages, values, n):
+        if mode == "swa":
+            return [swa_update(a, v, n) for a, v in zip(averages, values)]
+        d = ema_decay(decay, n, dynamic_decay, warmup_power, warmup_gamma)
+        return [ema_update(a, v, d, n) for a, v in zip(averages, values)]
+
+    return custom if avg_fn is not None or multi_avg_fn is not None else builtin

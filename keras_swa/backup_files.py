@@ -1,8 +1,8 @@
 """Crash-safe SWA state in plain files, for Keras backends without `tf.train.Checkpoint` (JAX).
 
-`keras_swa.backup.StateBackup` keeps the SWA state in TensorFlow checkpoints, which only hold
-TensorFlow variables. On JAX the averages are `keras.Variable`s backed by `jax.Array`s, so
-`FileStateBackup` keeps the same state in the files Keras 3 itself uses: the averages and
+`keras_swa.backends.tensorflow_backup.StateBackup` keeps the SWA state in TensorFlow
+checkpoints, which only hold TensorFlow variables. On JAX the averages are `keras.Variable`s
+backed by `jax.Array`s, so `FileStateBackup` keeps the same state in the files Keras 3 itself uses: the averages and
 `n_averaged` in a `.weights.h5` file (`AveragedWeights.save_weights`, with its fingerprint of
 the averaging rule and the shapes), and the callback's own bookkeeping (captures, start step) in
 a small JSON file. The interface is `StateBackup`'s: `save(step, state)`, `restore(step)`,
@@ -82,7 +82,8 @@ class FileStateBackup:
 
     Raises:
         ValueError: if the folder holds a backup this class did not write (a TensorFlow
-            checkpoint of `keras_swa.backup.StateBackup`, or another layout version).
+            checkpoint of `keras_swa.backends.tensorflow_backup.StateBackup`, or another
+            layout version).
 
     Example:
 

@@ -32,9 +32,13 @@ epoch or for every SWAG draw traces the model once, as `fit` does. Like Keras' o
 and predict functions, it reflects the model's Python-level configuration at its first call.
 A `call_fn` is held weakly too, and a different `call_fn` (another function object) gets a new
 pass: a cached pass never runs a forward pass the caller did not ask for.
+
+This module is what every backend shares: the arguments, the layers to update, the data and
+its batches, the Neumaier sums (`_accumulate`) and the pass cache's entries. The pass itself is
+the backend's: `keras_swa.backends.tensorflow_batch_norm` (a `tf.function` per replica under
+`tf.distribute`; also tf_keras) or `keras_swa.backends.jax_batch_norm` (one `jax.jit`).
 """
 
-import contextlib
 import math
 import sys
 import weakref
@@ -42,18 +46,13 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend, distribution
+from keras_swa import backend
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
 
 __all__ = ["update_bn"]
 
 _DEFAULT_BATCH_SIZE = 32
-
-# model -> {(strategy id, jit_compile, statistics ids, custom call?): _CachedPass}. Weak keys,
-# and the passes hold the model (and a `call_fn`) only weakly, so an entry dies with its model.
-_PASSES = weakref.WeakKeyDictionary()
-
 
 def update_bn(
     model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False, call_fn=None
@@ -184,33 +183,19 @@ def update_bn(
         progbar = _progbar(num_batches, verbose)
         return jax_batch_norm.recompute(model, layers, batches, data, steps, progbar, call_fn)
 
-    strategy = distribution.check_strategy(distribution.find_strategy(model), "`update_bn`")
-    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-        raise RuntimeError(
-            "`update_bn` runs its own per-replica pass and must be called outside "
-            "`strategy.run` (in the cross-replica context), e.g. after the training loop."
-        )
+    # The TensorFlow pass (tf_keras included): per replica under a `tf.distribute` strategy.
+    from keras_swa.backends import tensorflow_batch_norm
+
+    strategy = tensorflow_batch_norm.strategy_for(model)
     layers = _layers_to_update(model)
     if not layers:
         return 0
-    synchronized = [layer.name for layer in layers if getattr(layer, "synchronized", False)]
-    if jit_compile and synchronized and strategy.num_replicas_in_sync > 1:
-        raise ValueError(
-            "`jit_compile=True` cannot be combined with synchronized BatchNormalization under a "
-            "multi-replica strategy: the cross-replica reduction of the batch statistics cannot "
-            "run inside a per-replica XLA function. Pass `jit_compile=False` (TPUStrategy "
-            "compiles the pass with XLA by itself). "
-            f"Received: jit_compile=True, synchronized layers {synchronized}, "
-            f"num_replicas_in_sync={strategy.num_replicas_in_sync}"
-        )
-
+    tensorflow_batch_norm.check_jit_compile(layers, strategy, jit_compile)
     batches, num_batches = _batches(data, batch_size, steps)
     progbar = _progbar(num_batches, verbose)
-    scope = contextlib.nullcontext() if tf.distribute.has_strategy() else strategy.scope()
-    with scope:
-        return _recompute(
-            model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn
-        )
+    return tensorflow_batch_norm.recompute(
+        model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn
+    )
 
 
 def _progbar(num_batches, verbose):
@@ -218,76 +203,6 @@ def _progbar(num_batches, verbose):
     if verbose == "auto":
         verbose = 1 if num_batches is not None and num_batches > 1 and _interactive() else 0
     return keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
-
-
-def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn):
-    """The pass itself, in the cross-replica context of `strategy`; returns the sample count."""
-    stats = [var for layer in layers for var in _statistics(layer)]
-    stat_ids = {id(var) for var in stats}
-    # Everything else a training-mode forward pass may write to (the statistics of BN layers
-    # that are not updated, seed-generator states, ...). Reads of resource variables are
-    # copy-on-write, so these backups cost no memory for variables the pass leaves alone.
-    others = [var for var in model.non_trainable_variables if id(var) not in stat_ids]
-    stat_backup = [tf.convert_to_tensor(var) for var in stats]
-    other_backup = [tf.convert_to_tensor(var) for var in others]
-    momenta = [layer.momentum for layer in layers]
-    num_replicas = strategy.num_replicas_in_sync
-
-    step = _compiled_pass(model, stats, strategy, jit_compile, call_fn)
-    size = sum(int(np.prod(var.shape)) for var in stats)
-
-    succeeded = False
-    try:
-        for layer in layers:
-            layer.momentum = 0.0
-        for var, value in zip(stats, stat_backup):
-            # `0 * inf` is nan: non-finite statistics would poison every batch.
-            if not bool(tf.reduce_all(tf.math.is_finite(value))):
-                var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
-        state = _per_replica(strategy, lambda _: (tf.zeros([size]), tf.zeros([size])))
-        seen = 0
-        num_steps = 0
-        for x in batches:
-            n = _batch_size_of(x, data)
-            if n == 0:
-                continue
-            try:
-                if num_replicas == 1:
-                    inputs = (x, tf.constant(float(n)))
-                else:
-                    inputs = _split_batch(strategy, x, n)
-                state = step(*inputs, state)
-            except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
-                raise _pass_error(call_fn, num_steps + 1, x, data, e) from e
-            seen += n
-            num_steps += 1
-            if progbar is not None:
-                progbar.update(num_steps)
-        if seen == 0:
-            raise _no_data_error(data, steps)
-        # One sum over the replicas (and workers) of every replica's compensated sums.
-        local_totals = strategy.run(tf.function(lambda s, c: s + c), args=state)
-        totals = strategy.reduce(tf.distribute.ReduceOp.SUM, local_totals, axis=None)
-        averages = []
-        offset = 0
-        for var in stats:
-            count = int(np.prod(var.shape))
-            total = tf.reshape(totals[offset : offset + count], var.shape)
-            averages.append(tf.cast(total / seen, var.dtype))
-            offset += count
-        succeeded = True
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-        for var, value in zip(others, other_backup):
-            var.assign(value)
-        if succeeded:
-            for var, value in zip(stats, averages):
-                var.assign(value)
-        else:
-            for var, value in zip(stats, stat_backup):
-                var.assign(value)
-    return seen
 
 
 def _pass_error(call_fn, batch, x, data, error):
@@ -343,34 +258,6 @@ def _weak_call_fn(call_fn):
         return None
 
 
-def _compiled_pass(model, statistics, strategy, jit_compile, call_fn=None):
-    """The model's `tf.function` pass for these statistics, created on first use and reused.
-
-    Traced once per input signature (twice with an uneven last batch); `reduce_retracing`
-    keeps inputs whose shapes vary from batch to batch from retracing every batch. A pass with
-    a `call_fn` is reused only for the same `call_fn` (the same function object, or an equal
-    bound method); a new one replaces it. A `call_fn` that cannot be weakly referenced gets a
-    new pass at every call.
-    """
-    key = (id(strategy), jit_compile, tuple(id(var) for var in statistics), call_fn is not None)
-    try:
-        passes = _PASSES.setdefault(model, {})
-    except TypeError:  # an object that cannot be weakly referenced: no reuse
-        passes = {}
-    cached = passes.get(key)
-    if cached is not None and cached.serves(strategy, call_fn):
-        return cached.step
-    call_fn_ref = _weak_call_fn(call_fn)
-    step = tf.function(
-        _ForwardPass(model, statistics, strategy, jit_compile, call_fn), reduce_retracing=True
-    )
-    if call_fn is None or call_fn_ref is not None:
-        passes[key] = _CachedPass(strategy, call_fn_ref, step)
-    else:
-        passes.pop(key, None)
-    return step
-
-
 def _accumulate(sums, compensations, statistics, count):
     """Adds `count` times the statistics to float32 running sums (Neumaier summation).
 
@@ -396,98 +283,6 @@ def _accumulate(sums, compensations, statistics, count):
     total = sums + term
     lost = ops.where(ops.abs(sums) >= ops.abs(term), (sums - total) + term, (term - total) + sums)
     return total, compensations + lost
-
-
-class _ForwardPass:
-    """One training-mode forward pass per replica; folds the batch statistics into the sums.
-
-    A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
-    every model's pass apart. It holds the model and `call_fn` weakly (when it can): the cache
-    of passes must not keep models alive. The caller of `update_bn` holds `call_fn` while the
-    pass runs, and `_CachedPass.serves` checks it is alive before the pass is reused.
-    """
-
-    def __init__(self, model, statistics, strategy, jit_compile, call_fn=None):
-        self._model = weakref.ref(model)
-        self._custom = call_fn is not None
-        ref = _weak_call_fn(call_fn)
-        # No weak reference possible: held strongly, and this pass is never cached.
-        self._call_fn = (lambda: call_fn) if ref is None else ref
-        self.statistics = statistics
-        self.strategy = strategy
-        self.distributed = strategy.num_replicas_in_sync > 1
-        self.jit_compile = jit_compile
-        self.compiled = {}
-
-    def __call__(self, x, count, state):
-        return self.strategy.run(self.replica_step, args=(x, count, state))
-
-    def replica_step(self, x, count, state):
-        if not self.jit_compile:
-            return self._replica_step(x, count, state)
-        # XLA compiles a per-device step under a strategy when each replica calls its own
-        # compiled function, which captures that replica's copies of the variables; one function
-        # shared by the replicas would read another device's copies. (On TPU the replica id is
-        # not static and one program serves every core.)
-        replica_id = tf.get_static_value(
-            tf.distribute.get_replica_context().replica_id_in_sync_group
-        )
-        key = None if replica_id is None else int(replica_id)
-        if key not in self.compiled:
-            self.compiled[key] = tf.function(self._replica_step, jit_compile=True)
-        return self.compiled[key](x, count, state)
-
-    def _replica_step(self, x, count, state):
-        if not self._custom:
-            self._model()(x, training=True)
-        else:
-            call_fn = self._call_fn()
-            if call_fn is None:  # never reused once it is gone (`_CachedPass.serves`)
-                raise RuntimeError("The `call_fn` of this `update_bn` pass no longer exists.")
-            call_fn(self._model(), x)
-        # Automatic control dependencies order these reads after the layers' own assignments.
-        # In a replica context they read this replica's own copy of the statistics.
-        values = [tf.convert_to_tensor(var) for var in self.statistics]
-        if self.distributed:
-            # A replica with an empty share (a global batch smaller than the number of
-            # replicas) computes NaN statistics, which `0 * nan` would carry into its next batch.
-            for var, value in zip(self.statistics, values):
-                var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
-        return _accumulate(*state, values, count)
-
-
-def _per_replica(strategy, value_fn):
-    """`value_fn(replica_id)` on every replica, as a per-replica value (plain on one replica)."""
-    if strategy.num_replicas_in_sync == 1:
-        return value_fn(0)
-    return strategy.experimental_distribute_values_from_function(
-        lambda context: value_fn(context.replica_id_in_sync_group)
-    )
-
-
-def _split_batch(strategy, x, n):
-    """Splits a global batch of `n` samples between the replicas, as `tf.data` rebatching does.
-
-    Replica `i` (global replica id, so also across workers) gets the `i`-th of
-    `num_replicas_in_sync` consecutive shares whose sizes differ by at most one, the larger
-    shares first (`numpy.array_split`). Returns per-replica `(x, count)`.
-    """
-    num_replicas = strategy.num_replicas_in_sync
-    small, extra = divmod(n, num_replicas)
-    bounds = [0]
-    for i in range(num_replicas):
-        bounds.append(bounds[-1] + small + (1 if i < extra else 0))
-
-    def share(replica_id):
-        start, stop = bounds[replica_id], bounds[replica_id + 1]
-
-        def cut(leaf):
-            leaf = tf.convert_to_tensor(leaf)
-            return leaf[start:stop] if leaf.shape.rank else leaf
-
-        return tf.nest.map_structure(cut, x), tf.constant(float(stop - start))
-
-    return _per_replica(strategy, share)
 
 
 def _check_arguments(steps, batch_size, verbose):

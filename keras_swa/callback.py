@@ -21,7 +21,7 @@ from keras_swa import model_variables, rule_arguments
 from keras_swa.arguments import is_int
 from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
-from keras_swa.backup import StateBackup
+from keras_swa.backends.tensorflow_backup import StateBackup
 from keras_swa.backup_files import FileStateBackup
 from keras_swa.batch_norm import update_bn
 from keras_swa.distribution import find_strategy
@@ -412,7 +412,8 @@ class SWA(keras.callbacks.Callback):
 
     def _make_backup(self, model):
         """The backup of SWA's state for this backend: TensorFlow checkpoints on TensorFlow
-        (`keras_swa.backup`), `.weights.h5` + JSON files elsewhere (`keras_swa.backup_files`)."""
+        (`keras_swa.backends.tensorflow_backup`), `.weights.h5` + JSON files elsewhere
+        (`keras_swa.backup_files`)."""
         if backend.backend_name() == "tensorflow":
             return StateBackup(self.backup_dir, self.averaged, strategy=find_strategy(model))
         return FileStateBackup(self.backup_dir, self.averaged)

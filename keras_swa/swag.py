@@ -12,78 +12,28 @@ averaging math (`keras_swa.averaging`), the strategy handling (`keras_swa.distri
 NaN/Inf policy (`keras_swa.finite_check`) and the writing of values into a model
 (`keras_swa.model_variables`). One compiled call per capture updates the mean, the sum of
 squared deviations (Welford's algorithm, so no `E[w^2] - E[w]^2` cancellation) and one column
-of the deviation ring buffer. On TensorFlow (Keras 3 and tf_keras) the statistics are fp32
-`tf.Variable`s of one `tf.Module`, carried by `tf.train.Checkpoint`, and the call is an
-XLA-compiled `tf.function` run per device under a `tf.distribute` strategy; on JAX they are
-`keras.Variable`s, which `tf.train.Checkpoint` refuses (`keras_swa.backend.StateModule`), and the
-call is one `jax.jit` with the statistics donated (`keras_swa.backends.jax_swag`).
+of the deviation ring buffer. This module is the part every backend shares (arguments, the SWA
+mean, the Gaussian's draws and `predict`); the statistics and their compiled calls belong to the
+backend (`self._state`, one interface): `keras_swa.backends.tensorflow_swag.Statistics` (fp32
+`tf.Variable`s, one XLA `tf.function` per device under `tf.distribute`; also tf_keras) or
+`keras_swa.backends.jax_swag.Statistics` (`keras.Variable`s, one donated `jax.jit`). On
+TensorFlow `SWAG` is a `tf.Module` holding the statistics under fixed attribute names, carried
+by `tf.train.Checkpoint`; on JAX it is not, and `tf.train.Checkpoint` refuses it
+(`keras_swa.backend.StateModule`).
 """
 
 import contextlib
 import numbers
 
 import numpy as np
-import tensorflow as tf
 
-from keras_swa import averaging, backend, distribution, ensemble, finite_check, model_variables
+from keras_swa import backend, distribution, ensemble, finite_check, model_variables
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
-from keras_swa.state_variables import state_variable
 
 __all__ = ["SWAG"]
 
 _NONFINITE = finite_check.POLICIES
-
-
-def _swag_update(averages, m2s, deviations, variables, n_averaged, ok, max_rank):
-    """One capture: Welford's mean and M2, and the column `w - new_mean` at slot `n % K`.
-
-    With `ok` False (a refused capture) every statistic and the count keep their values.
-    """
-    n = n_averaged.read_value()
-    slot = tf.math.floormod(n, max_rank)
-    for average, m2, deviation, variable in zip(averages, m2s, deviations, variables):
-        value = tf.cast(variable, tf.float32)
-        old = average.read_value()
-        new = averaging.swa_update(old, value, n)
-        old_m2 = m2.read_value()
-        m2.assign(tf.where(ok, averaging.welford_m2(old_m2, value, old, new, n), old_m2))
-        average.assign(tf.where(ok, new, old))
-        # A scatter into the read value, then one assign: XLA updates the buffer in place, and
-        # (unlike `Variable.scatter_nd_update`) it works on mirrored variables under a strategy.
-        columns = deviation.read_value()
-        index = tf.reshape(slot, [1, 1])
-        column = tf.where(ok, value - new, tf.gather_nd(columns, index)[0])
-        deviation.assign(tf.tensor_scatter_nd_update(columns, index, tf.expand_dims(column, 0)))
-    n_averaged.assign_add(tf.cast(ok, n_averaged.dtype))
-
-
-def _swag_sample(averages, m2s, deviations, n_averaged, scale, seed, diag, cov, max_rank):
-    """One draw `mean + sqrt(scale) * (sqrt(var) * z1 + D z2 / sqrt(rank - 1))`, in fp32."""
-    n = tf.cast(n_averaged, tf.float32)
-    rank = tf.minimum(n, float(max_rank))
-    root = tf.sqrt(scale)
-    z2 = tf.random.stateless_normal(
-        [max_rank], seed=tf.random.experimental.stateless_fold_in(seed, len(averages))
-    )
-    samples = []
-    for i, (average, m2, deviation) in enumerate(zip(averages, m2s, deviations)):
-        noise = tf.zeros_like(average)
-        if diag:
-            z1 = tf.random.stateless_normal(
-                average.shape, seed=tf.random.experimental.stateless_fold_in(seed, i)
-            )
-            noise += tf.sqrt(tf.maximum(m2 / n, 0.0)) * z1
-        if cov:
-            # Unfilled columns are zero, so summing over all K columns is the sum over `rank`.
-            low_rank = tf.tensordot(z2, deviation, axes=[[0], [0]])
-            noise += low_rank / tf.sqrt(rank - 1.0)
-        samples.append(average + root * noise)
-    return samples
-
-
-def _statistic(shape, name):
-    return state_variable(tf.zeros(shape, tf.float32), name)
 
 
 class SWAG(backend.StateModule):
@@ -169,45 +119,37 @@ class SWAG(backend.StateModule):
         self._source = model_variables.Untracked(
             variables=tuple(variables), model=model if isinstance(model, keras.Model) else None
         )
-        self._jax = None
+        self._state = self._make_state(model, variables)
+        # The statistics, also as public attributes (the mean is `averages`).
+        self.m2s, self.deviations = self._state.m2s, self._state.deviations
+
+    def _make_state(self, model, variables):
+        """The backend's statistics and their compiled update (`keras_swa.backends`)."""
+        check = self._nonfinite != "ignore"
         if backend.backend_name() == "jax":
             from keras_swa.backends import jax_swag
 
-            self._jax = jax_swag.Statistics(
-                variables, self._max_rank, check=nonfinite != "ignore", model=self._source.model
+            return jax_swag.Statistics(
+                variables, self._max_rank, check=check, model=self._source.model
             )
-            self.m2s, self.deviations = self._jax.m2s, self._jax.deviations
-            return
-        self._strategy = distribution.check_strategy(distribution.find_strategy(model), "SWAG")
-        with self._strategy.scope():
-            # The checkpointed state, under the keys SWAG checkpoints have always had.
-            self._own_averages = [
-                _statistic(v.shape, f"average_{i}") for i, v in enumerate(variables)
-            ]
-            self._count = state_variable(tf.constant(0, tf.int64), "n_averaged")
-            self.m2s = [_statistic(v.shape, f"m2_{i}") for i, v in enumerate(variables)]
-            self.deviations = [
-                _statistic([self._max_rank] + list(v.shape), f"deviations_{i}")
-                for i, v in enumerate(variables)
-            ]
-        self._tf_variables = model_variables.Untracked(
-            variables=tuple(backend.tf_variable(v) for v in variables)
+        from keras_swa.backends import tensorflow_swag
+
+        strategy = distribution.check_strategy(distribution.find_strategy(model), "SWAG")
+        state = tensorflow_swag.Statistics(
+            variables, self._max_rank, check=check, strategy=strategy,
+            assert_finite=self._nonfinite == "raise",
         )
-        self._distributed = self._strategy.num_replicas_in_sync > 1 or tf.distribute.has_strategy()
-        self._finite_fn = tf.function(finite_check.finite_flags, autograph=False)
-        max_rank = self._max_rank
-        self._update_fn = tf.function(
-            lambda a, m, d, v, n, ok: _swag_update(a, m, d, v, n, ok, max_rank),
-            jit_compile=True,
-            autograph=False,
-        )
-        self._sample_fn = tf.function(
-            lambda a, m, d, n, scale, seed, diag, cov: _swag_sample(
-                a, m, d, n, scale, seed, diag, cov, max_rank
-            ),
-            jit_compile=True,
-            autograph=False,
-        )
+        # The checkpointed variables, held by this `tf.Module` under the keys SWAG checkpoints
+        # have always had (the state object itself is not tracked; `m2s` and `deviations` are
+        # set by the caller).
+        self._own_averages = state.means
+        self._count = state.count
+        return state
+
+    @property
+    def _jax(self):
+        """The JAX state (`keras_swa.backends.jax_swag.Statistics`), or `None` on TensorFlow."""
+        return self._state if backend.backend_name() == "jax" else None
 
     # ------------------------------------------------------------------ the captures
 
@@ -220,19 +162,12 @@ class SWAG(backend.StateModule):
     def n_averaged(self):
         """The number of captures: an int64 `tf.Variable` on TensorFlow; on JAX an int32
         `keras.Variable` (int64 with `jax_enable_x64`), as for `AveragedWeights`."""
-        if self._jax is not None:
-            return self._jax.count
-        return self._count
+        return self._state.count
 
     @property
     def averages(self):
         """The mean of the captures, one fp32 tensor per tracked variable (a snapshot)."""
-        if self._jax is not None:
-            return self._jax.means_values()
-        return [tf.convert_to_tensor(a) for a in self._own_averages]
-
-    def _state(self):
-        return (list(self._own_averages), list(self.m2s), list(self.deviations))
+        return self._state.means_values()
 
     def update(self):
         """Folds the current weights into the mean, the M2 sums and the deviation ring buffer.
@@ -251,77 +186,17 @@ class SWAG(backend.StateModule):
             FloatingPointError: with `nonfinite="raise"`, if a weight is NaN or infinite; the
                 statistics and `n_averaged` are left untouched.
         """
-        if self._jax is not None:
-            return self._update_jax()
-        variables = list(self._tf_variables.variables)
-        if self._nonfinite == "ignore":
-            self._apply_update(tf.constant(True))
-            return True if tf.executing_eagerly() else None
-        if not tf.executing_eagerly():
-            finite = tf.reduce_all(self._finite_fn(variables))
-            if self._nonfinite == "skip":
-                self._apply_update(finite)
-                return None
-            with tf.control_dependencies(
-                [tf.debugging.Assert(finite, ["Non-finite weights: SWAG capture refused."])]
-            ):
-                self._apply_update(finite)
-            return None
-        flags = self._finite_fn(variables).numpy()
-        if not self._finite_or_report(flags):
-            return False
-        self._apply_update(tf.constant(True))
-        return True
-
-    def _update_jax(self):
-        from keras_swa.backends import jax as jax_backend
-
-        flags = jax_backend.run_update(self._jax, "SWAG")
-        return True if flags is None else self._finite_or_report(flags)
-
-    def _finite_or_report(self, flags):
-        return finite_check.report(
-            flags, self._source.variables, self._nonfinite, int(self.n_averaged.numpy()),
+        ok = self._state.update()
+        if ok is None or ok:  # `None`: inside a `tf.function`, whose graph checked the capture
+            return ok
+        return finite_check.refused(
+            self._state, self._source.variables, self._nonfinite, "SWAG",
             poisoned="the SWAG statistics",
-        )
-
-    def _apply_update(self, ok):
-        averages, m2s, deviations = self._state()
-        variables = list(self._tf_variables.variables)
-        if not self._distributed:
-            self._update_fn(averages, m2s, deviations, variables, self._count, ok)
-        elif tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            tf.distribute.get_replica_context().merge_call(
-                lambda strategy: self._update_on_each_device(ok, strategy)
-            )
-        elif tf.distribute.has_strategy():
-            self._update_on_each_device(ok)
-        else:
-            with self._strategy.scope():
-                self._update_on_each_device(ok)
-
-    def _update_on_each_device(self, ok, strategy=None):
-        strategy = strategy or self._strategy
-
-        def local_update(n_averaged, averages, m2s, deviations, variables):
-            self._update_fn(list(averages), list(m2s), list(deviations), list(variables),
-                            n_averaged, ok)
-
-        strategy.extended.update(
-            self._count,
-            local_update,
-            args=(*self._state(), list(self._tf_variables.variables)),
-            group=True,
         )
 
     def reset(self):
         """Forgets every capture: mean, variance and deviation columns start afresh."""
-        if self._jax is not None:
-            self._jax.reset()
-            return
-        for variable in [v for group in self._state() for v in group]:
-            variable.assign(tf.zeros_like(variable))
-        self._count.assign(0)
+        self._state.reset()
 
     # ------------------------------------------------------------------ the SWA mean
 
@@ -412,10 +287,7 @@ class SWAG(backend.StateModule):
     def variances(self):
         """The diagonal variance (ddof=0) of the captures, one fp32 tensor per variable."""
         self._require_captures()
-        if self._jax is not None:
-            return self._jax.variances()
-        n = tf.cast(self._count, tf.float32)
-        return [tf.maximum(m2 / n, 0.0) for m2 in self.m2s]
+        return self._state.variances()
 
     def deviation_columns(self):
         """The low-rank factor `D`: the last `rank` columns `w_i - mean_i`, oldest first.
@@ -426,9 +298,7 @@ class SWAG(backend.StateModule):
         self._require_captures()
         n, k = int(self.n_averaged.numpy()), self.rank
         order = [(n - k + j) % self._max_rank for j in range(k)]
-        if self._jax is not None:
-            return self._jax.columns(order)
-        return [tf.gather(d, order) for d in self.deviations]
+        return self._state.columns(order)
 
     def _check_sample_arguments(self, scale, diag, cov):
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
@@ -477,14 +347,9 @@ class SWAG(backend.StateModule):
         """
         self._check_sample_arguments(scale, diag, cov)
         seed = self._seed(seed)
-        if self._jax is not None:
-            return self._jax.sample(float(scale), int(seed[0]), diag, cov)
-        seed = tf.constant(seed, tf.int64)
-        averages, m2s, deviations = self._state()
-        return self._sample_fn(
-            averages, m2s, deviations, self.n_averaged, tf.constant(float(scale)), seed,
-            diag, cov,
-        )
+        if self._jax is not None:  # `jax.random.key` takes one int, TensorFlow's seed a pair
+            seed = int(seed[0])
+        return self._state.sample(float(scale), seed, diag, cov)
 
     def sample(self, scale=0.5, diag=True, cov=True, seed=None):
         """Writes one weight sample into the model (recompute BatchNorm statistics after).

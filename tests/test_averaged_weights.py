@@ -71,9 +71,9 @@ def test_update_is_one_compiled_call_that_never_retraces():
     averaged = AveragedWeights(model)
     for _ in range(5):
         averaged.update()
-    assert averaged._update_fn.experimental_get_tracing_count() == 1
+    assert averaged._state.update_fn.experimental_get_tracing_count() == 1
     # The update is XLA-compiled: the compiler IR exists and updates every average.
-    hlo = averaged._update_fn.experimental_get_compiler_ir()(stage="hlo")
+    hlo = averaged._state.update_fn.experimental_get_compiler_ir()(stage="hlo")
     assert "HloModule" in hlo
 
 
@@ -345,8 +345,8 @@ def test_bad_nonfinite_policy():
 
 
 # Shapes that take each path of the storage (keras_swa.packing) and so of the NaN/Inf test
-# (keras_swa.finite_check, a sum per stored tensor): large tensors with averages of their own,
-# and two small ones whose values are packed into one flat average.
+# (keras_swa.backends.tensorflow_finite_check, a sum per stored tensor): large tensors with
+# averages of their own, and two small ones whose values are packed into one flat average.
 _PROBE_SHAPES = [(256, 272), (65537,), (3,), (7, 2)]
 
 
@@ -479,7 +479,7 @@ def test_ema_warmup_matches_numpy_and_traces_once(make_model, kwargs, decay_of_n
     for average, e in zip(averaged.averages, expected):
         np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-5)
     # The decay is computed from the count inside the one compiled update.
-    assert averaged._update_fn.experimental_get_tracing_count() == 1
+    assert averaged._state.update_fn.experimental_get_tracing_count() == 1
 
 
 def test_dynamic_decay_reaches_the_constant_decay():
@@ -566,7 +566,7 @@ def test_custom_avg_fn_matches_numpy_and_traces_once(make_model, how):
     # Called while tracing only (per variable), with the count as a scalar tensor.
     assert len(seen_n) == len(model.trainable_variables)
     assert all(tf.is_tensor(n) and n.shape == () for n in seen_n)
-    assert averaged._update_fn.experimental_get_tracing_count() == 1
+    assert averaged._state.update_fn.experimental_get_tracing_count() == 1
 
 
 def test_running_max_avg_fn_and_first_update_copies():

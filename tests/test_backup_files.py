@@ -227,7 +227,7 @@ def _fit(model, backup_dir, epochs=3):
 @pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3 chooses the backup by backend")
 def test_the_callback_chooses_the_backup_by_backend(tmp_path):
     from keras_swa.backend import backend_name
-    from keras_swa.backup import StateBackup
+    from keras_swa.backends.tensorflow_backup import StateBackup
 
     model = _model()
     model.compile(keras.optimizers.SGD(0.1), "mse")

@@ -117,7 +117,7 @@ def test_averages_are_mirrored_and_equal_numpy_means(strategy, created_in_scope)
         expected = np.mean([r[i] for r in recorded], axis=0)
         np.testing.assert_allclose(average.numpy(), expected, rtol=1e-6, atol=1e-6)
     # One compiled function per device, each traced once and never again across updates.
-    compiled = dict(averaged._device_compiled)
+    compiled = dict(averaged._state.device_compiled)
     assert len(compiled) == strategy.num_replicas_in_sync
     traces = [f.experimental_get_tracing_count() for f in compiled.values()]
     assert traces == [1] * strategy.num_replicas_in_sync

@@ -1,4 +1,4 @@
-"""Crash-safe SWA state: checkpoints of the averages keyed by the optimizer step.
+"""Crash-safe SWA state on TensorFlow: checkpoints of the averages, keyed by optimizer step.
 
 `keras.callbacks.BackupAndRestore` saves the model and optimizer (and so `optimizer.iterations`)
 and resumes `fit` after a crash. The SWA state -- the averages, `n_averaged`, where the SWA phase
@@ -8,7 +8,8 @@ N steps). Each checkpoint is numbered by `optimizer.iterations`, and on resume t
 equals the restored `optimizer.iterations` is loaded: the averages then match the restored weights
 exactly, whichever of the two callbacks saved first before the crash, and no capture is lost or
 counted twice. `tf.train.CheckpointManager` writes the index last, so a crash mid-save leaves the
-previous checkpoints usable.
+previous checkpoints usable. (On the other backends, where `tf.train.Checkpoint` cannot carry
+the state, `keras_swa.backup_files` keeps it in `.weights.h5` + JSON files instead.)
 
 Under `tf.distribute.MultiWorkerMirroredStrategy` this follows Keras' own BackupAndRestore
 (tf_keras `distribute/worker_training_state.py` and `distributed_file_utils.py`): every worker
@@ -68,7 +69,7 @@ class StateBackup:
     >>> import os, tempfile
     >>> import keras_swa
     >>> from keras_swa.backend import keras  # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
-    >>> from keras_swa.backup import StateBackup
+    >>> from keras_swa.backends.tensorflow_backup import StateBackup
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> averaged = keras_swa.AveragedWeights(model)
     >>> backup = StateBackup(tempfile.mkdtemp(), averaged)
