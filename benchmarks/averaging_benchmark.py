@@ -34,11 +34,8 @@ program, `keras_swa/backends/jax.py`, which keeps the 162 tensors under 16,384 f
 flat average as TensorFlow does: 53 written buffers, not 214), against `floor: one flat jit
 lerp (JAX/XLA, donated)`: the same floats in ONE flat fp32 buffer updated by one `jax.jit` lerp
 with the buffer donated, and torch's rows when torch is importable (on the GPU when JAX runs
-there). Reference rows: the checked update's fast NaN/Inf test alone (its float32 sums, one
-read of every weight: what the check adds to the unchecked update), and the JAX state made
-with `Averages(elementwise=True)`, which applies the built-in rule to the flat average as one
-array (one kernel for the 162 small tensors) instead of one view per small tensor, as
-`AveragedWeights` does while it does not pass that flag. Every timed call
+there). A reference row times the checked update's fast NaN/Inf test alone (its float32
+sums, one read of every weight: what the check adds to the unchecked update). Every timed call
 waits for its result (`jax.block_until_ready`, `torch.cuda.synchronize`). Targets on JAX: the
 update with `nonfinite="ignore"` within 1.2x of the floor and no slower than torch's foreach; the
 checked default within 1.5x of the floor (it reads the weights twice: 1.33x is its bound by
@@ -112,8 +109,6 @@ PRODUCT_NO_CHECK = 'keras_swa AveragedWeights(nonfinite="ignore").update()'
 FLOOR = "floor: one flat jit lerp (TF/XLA)"
 FLOOR_JAX = "floor: one flat jit lerp (JAX/XLA, donated)"
 CHECK_JAX = "NaN/Inf fast test alone: its float32 sums (JAX/XLA, reference)"
-STATE_FLAT = "JAX Averages(elementwise=True).update() (reference)"
-STATE_FLAT_NO_CHECK = "JAX Averages(elementwise=True, check=False).update() (reference)"
 NAIVE = "naive per-variable tf.function loop"
 TORCH_FOREACH = "torch get_swa_multi_avg_fn (foreach lerp)"
 TORCH_FLAT = "torch flat lerp_ (reference)"
@@ -179,27 +174,6 @@ def make_jax_floor(arrays):
     def update():
         state["average"], state["n"] = lerp(state["average"], state["n"], weights)
         jax.block_until_ready(state["average"])
-
-    return update
-
-
-def make_jax_state(sources, check):
-    """The JAX state of `AveragedWeights` (SWA) made with `elementwise=True` (reference).
-
-    `keras_swa.backends.jax.Averages` then applies the built-in rule to the flat average of the
-    small variables as one array (one kernel), where `AveragedWeights` (which does not pass
-    `elementwise` yet) gets one small kernel per packed variable.
-    """
-    import jax
-
-    from keras_swa.backends import jax as jax_backend
-
-    rule = AveragedWeights(sources)._rule()
-    state = jax_backend.Averages(sources, rule, check=check, elementwise=True)
-
-    def update():
-        state.update()
-        jax.block_until_ready(state.count.value)
 
     return update
 
@@ -400,8 +374,6 @@ def main(_):
             PRODUCT: _timed(make_jax_product(sources)),
             PRODUCT_NO_CHECK: _timed(make_jax_product(sources, nonfinite="ignore")),
             FLOOR_JAX: _timed(make_jax_floor(arrays)),
-            STATE_FLAT: _timed(make_jax_state(sources, check=True)),
-            STATE_FLAT_NO_CHECK: _timed(make_jax_state(sources, check=False)),
             CHECK_JAX: _timed(make_jax_check(sources)),
         }
         # (variant, label, target ratio to the floor, judged against torch's foreach too?)

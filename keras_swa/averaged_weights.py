@@ -167,7 +167,13 @@ class AveragedWeights(backend.StateModule):
 
             distribution.check_keras_distribution("keras_swa.AveragedWeights")
             model = model_or_variables if isinstance(model_or_variables, keras.Model) else None
-            return jax_backend.Averages(variables, self._rule(), check=check, model=model)
+            return jax_backend.Averages(
+                variables,
+                self._rule(),
+                check=check,
+                model=model,
+                elementwise=not self._custom_rule,  # a user's rule gets one average per variable
+            )
         from keras_swa.backends import tensorflow as tf_backend
 
         strategy = distribution.check_strategy(

@@ -17,7 +17,8 @@ here, one module per backend and concept, with the same interface on each backen
 - `keras_swa.backends.tensorflow_backup`: SWA's crash-safe state for `BackupAndRestore` as
   `tf.train.Checkpoint`s keyed by the optimizer step (elsewhere: `keras_swa.backup_files`).
 - `keras_swa.backends.jax`: the averaging state as `keras.Variable`s and its update as ONE
-  `jax.jit`-compiled call with the averages' buffers donated (updated in place).
+  `jax.jit`-compiled call with the averages' buffers donated (updated in place), small averages
+  packed into one flat variable as on TensorFlow (`keras_swa.packing`).
 - `keras_swa.backends.jax_swag`: `SWAG`'s statistics (mean, Welford sums, deviation ring
   buffer) updated by ONE donated `jax.jit` call, and its draws from `jax.random`.
 - `keras_swa.backends.jax_finite_check`: the NaN/Inf test of a capture, traced into a compiled

@@ -29,7 +29,8 @@ JAX specifics this module follows:
 - JAX computes in 32 bits unless `jax_enable_x64` is set, so the count is an int32 there
   (int64 with x64). It is exact up to 2**31 - 1 captures -- 68 years at one capture per second
   -- and a capture beyond that is refused (`OverflowError`), never wrapped around.
-- The NaN/Inf check is the same two-step test as on TensorFlow (`keras_swa.finite_check`): a
+- The NaN/Inf check is the same two-step test as on TensorFlow
+  (`keras_swa.backends.tensorflow_finite_check`): a
   float32 sum per large weight tensor and one over the small ones packed together, which is
   finite exactly when no value is NaN/Inf unless finite values overflow the sum; only then does
   the exact per-element test run (`lax.cond`). A refused capture leaves every average and the
@@ -98,29 +99,6 @@ def sync(model):
     state_sync = getattr(model, "jax_state_sync", None)
     if state_sync is not None:
         state_sync()
-
-
-def run_update(state, owner):
-    """Runs `state.update()`; `None` if the capture was folded in, else its finite flags.
-
-    For the JAX states of `AveragedWeights` and `SWAG` (`update`, `at_limit`, `finite_flags`,
-    `count`): a capture refused because the count is full raises here; one refused for
-    NaN/Inf returns the per-variable flags for the caller to report.
-
-    Args:
-        state: the JAX state whose compiled update to run.
-        owner: the public class name, for the error message (e.g. `"SWAG"`).
-    """
-    if state.update():
-        return None
-    if state.at_limit():
-        raise OverflowError(
-            f"n_averaged has reached {int(state.count.numpy())}, the largest count its "
-            f"dtype ({state.count.dtype}) holds: no further capture can be counted. Enable "
-            "64-bit JAX (jax.config.update('jax_enable_x64', True)) before creating the "
-            f"{owner} for an int64 count."
-        )
-    return state.finite_flags()
 
 
 def pack(layout, values):
