@@ -8,11 +8,11 @@ average and no one pass whose statistics could be combined.
 
 On Keras 3's JAX backend the distribution is `keras.distribution.distribution()`, the one set
 with `keras.distribution.set_distribution` or a `Distribution.scope()`. None, or a
-`keras.distribution.DataParallel` in one process, is supported by `AveragedWeights`, `SWA` and
-`update_bn` (`check_keras_distribution`): the variables are replicated and the batch is sharded,
-so the averages are replicated like the variables and `update_bn`'s statistics are reduced over
-the whole batch by XLA. Anything else (`ModelParallel`, several processes) is refused until it
-is tested; `SWAG` and `FGE` refuse any distribution (`refuse_keras_distribution`).
+`keras.distribution.DataParallel` in one process, is supported by `AveragedWeights`, `SWA`,
+`update_bn`, `SWAG` and `FGE` (`check_keras_distribution`): the variables are replicated and the
+batch is sharded, so the averages and statistics are replicated like the variables and
+`update_bn`'s statistics are reduced over the whole batch by XLA. Anything else (`ModelParallel`,
+several processes) is refused until it is tested.
 """
 
 import tensorflow as tf
@@ -25,7 +25,6 @@ __all__ = [
     "check_strategy",
     "find_strategy",
     "is_chief",
-    "refuse_keras_distribution",
 ]
 
 
@@ -98,24 +97,3 @@ def check_keras_distribution(what):
             f"Received: process_count={jax.process_count()}"
         )
     return current
-
-
-def refuse_keras_distribution(entry_point):
-    """Raises `NotImplementedError` if a `keras.distribution` is set on the JAX backend.
-
-    For the entry points whose JAX port has not been checked with sharded variables: they
-    refuse the setup rather than risk a wrong number.
-
-    Args:
-        entry_point: the public name, for the message, e.g. `"SWAG"`.
-    """
-    if backend.backend_name() != "jax":
-        return
-    distribution = keras.distribution.distribution()
-    if distribution is not None:
-        raise NotImplementedError(
-            f"keras_swa.{entry_point} on the 'jax' Keras backend does not support a "
-            "keras.distribution yet (it has not been checked with sharded variables). "
-            "Create and use it without a distribution set. "
-            f"Received: distribution={type(distribution).__name__}"
-        )

@@ -75,7 +75,8 @@ class FGE(backend.StateModule):
 
     def __init__(self, model, max_members=None, name="fge"):
         backend.require_backend("FGE")
-        distribution.refuse_keras_distribution("FGE")
+        if backend.backend_name() == "jax":
+            distribution.check_keras_distribution("keras_swa.FGE")
         super().__init__(name=name)
         if not isinstance(model, keras.Model):
             raise TypeError(

@@ -99,7 +99,6 @@ class SWAG(backend.StateModule):
 
     def __init__(self, model, max_rank=20, nonfinite="raise", seed=None, name="swag"):
         backend.require_backend("SWAG")
-        distribution.refuse_keras_distribution("SWAG")
         super().__init__(name=name)
         if not is_int(max_rank) or max_rank < 1:
             raise ValueError(
@@ -129,6 +128,7 @@ class SWAG(backend.StateModule):
         if backend.backend_name() == "jax":
             from keras_swa.backends import jax_swag
 
+            distribution.check_keras_distribution("keras_swa.SWAG")
             return jax_swag.Statistics(
                 variables, self._max_rank, check=check, model=self._source.model
             )

@@ -183,3 +183,49 @@ def test_swa_callback_in_fit_matches_numpy_and_the_single_device_run(job):
     assert job["fit_dp_variable_devices"].tolist() == [[2, 1]] * 8
     assert job["fit_dp_average_devices"].tolist() == [[2, 1]] * 6
     assert job["fit_single_variable_devices"].tolist() == [[1, 1]] * 8
+
+
+# ------------------------------------------------------------------ SWAG and FGE
+
+
+def _swag_snapshots(job, tag, j):
+    return np.stack([job[f"swag_{tag}_snapshot{i}_{j}"].astype(np.float64) for i in range(4)])
+
+
+def test_swag_statistics_equal_numpy_and_the_single_device_run(job):
+    n_vars = 10  # the MLP's trainable variables; FGE's members also hold 4 BN statistics
+    for j in range(n_vars):
+        snaps = _swag_snapshots(job, "dp", j)
+        np.testing.assert_array_equal(snaps, _swag_snapshots(job, "single", j))
+        # Numpy: the mean, the ddof=0 variance, and the last 3 (max_rank) columns w_i - mean_i
+        # with mean_i the running mean after capture i, oldest first.
+        running = np.cumsum(snaps, axis=0) / np.arange(1, 5).reshape((4,) + (1,) * (snaps.ndim - 1))
+        np.testing.assert_allclose(job[f"swag_dp_mean{j}"], snaps.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(job[f"swag_dp_variance{j}"], snaps.var(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(job[f"swag_dp_columns{j}"], (snaps - running)[1:],
+                                   rtol=1e-4, atol=1e-5)
+        for name in ("mean", "variance", "columns"):
+            np.testing.assert_allclose(job[f"swag_dp_{name}{j}"], job[f"swag_single_{name}{j}"],
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_swag_state_is_replicated_traced_once_and_draws_match_the_single_device_run(job):
+    assert job["swag_dp_state_devices"].tolist() == [[2, 1]] * (3 * 10 + 1)
+    assert int(job["swag_dp_traces"]) == 1
+    assert job["swag_dp_sampled_devices"].tolist() == [[2, 1]] * 10
+    for j in range(10):
+        # The same key draws the same noise on any placement; the low-rank term's tensordot may
+        # sum in another order on the mesh.
+        np.testing.assert_allclose(job[f"swag_dp_draw{j}"], job[f"swag_single_draw{j}"],
+                                   **SUM_ORDER)
+
+
+def test_fge_members_are_the_recorded_weights_and_predict_matches_the_single_device_run(job):
+    assert job["swag_dp_fge_devices"].tolist() == [[2, 1]] * 14
+    for m in range(3):  # members were added after captures 1, 2 and 3
+        # model.weights: layer by layer, each BN's moving statistics after its gamma and beta.
+        trainable = [job[f"swag_dp_fge{m}_{j}"] for j in (0, 1, 2, 3, 6, 7, 8, 9, 12, 13)]
+        for j, member_weight in enumerate(trainable):
+            np.testing.assert_array_equal(member_weight, job[f"swag_dp_snapshot{m + 1}_{j}"])
+    np.testing.assert_allclose(job["swag_dp_fge_predict"], job["swag_single_fge_predict"],
+                               **SUM_ORDER)

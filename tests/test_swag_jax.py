@@ -185,15 +185,22 @@ def test_saving_is_refused_clearly(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_keras_distribution_is_refused_by_name():
-    # Not checked with sharded variables yet: refused, never a silently wrong number.
+def test_a_model_parallel_distribution_is_refused_by_name():
+    # DataParallel runs (tests/test_data_parallel.py, on 2 devices); sharded variables are
+    # untested: refused, never a silently wrong number.
     from keras_swa.fge import FGE
 
     model = _model()
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], devices=jax.devices()[:1])
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh))
+    )
     try:
         for make, name in ((lambda: SWAG(model), "SWAG"), (lambda: FGE(model), "FGE")):
-            with pytest.raises(NotImplementedError, match=f"keras_swa.{name} .*DataParallel"):
+            with pytest.raises(
+                NotImplementedError,
+                match=f"keras_swa.{name} .*Received: distribution=ModelParallel",
+            ):
                 make()
     finally:
         keras.distribution.set_distribution(None)

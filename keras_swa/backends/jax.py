@@ -56,7 +56,7 @@ from keras_swa import packing
 from keras_swa.backend import keras
 from keras_swa.backends import jax_finite_check
 
-__all__ = ["Averages", "copy_as", "count_dtype", "pack", "replicated_like", "sync", "unpack"]
+__all__ = ["Averages", "check_placement", "copy_as", "count_dtype", "pack", "replicated_like", "sync", "unpack"]
 
 
 def count_dtype():
@@ -81,6 +81,29 @@ def replicated_like(array):
         "NamedSharding (under a keras.distribution) or SingleDeviceSharding. "
         f"Received: sharding={sharding!r}"
     )
+
+
+def check_placement(averages, variables, values):
+    """Raises `ValueError` if an average is not placed as its variable's value.
+
+    A distribution set after the model was built lays new `keras.Variable`s out apart from
+    the model's: every update would move them (or fail).
+
+    Args:
+        averages: one `keras.Variable` per tracked variable, placed as that variable.
+        variables: the tracked variables, for the message.
+        values: their current `jax.Array`s.
+    """
+    for i, (average, value) in enumerate(zip(averages, values)):
+        if not average.value.sharding.is_equivalent_to(value.sharding, value.ndim):
+            raise ValueError(
+                f"The average of variable {i} ({getattr(variables[i], 'path', '')!r}) "
+                "would be placed apart from the variable: the model was built outside the "
+                "keras.distribution now in effect. Build the model under the distribution "
+                "(or create the averages without it). "
+                f"Received: variable sharding={value.sharding}, "
+                f"average sharding={average.value.sharding}"
+            )
 
 
 def _placed(value, sharding):
@@ -214,18 +237,7 @@ class Averages:
             trainable=False,
             name="n_averaged",
         )
-        for i, (average, value) in enumerate(zip(self.averages, values)):
-            # A distribution set after the model was built would lay the averages out apart
-            # from their variables: every update would move them (or fail).
-            if not average.value.sharding.is_equivalent_to(value.sharding, value.ndim):
-                raise ValueError(
-                    f"The average of variable {i} ({getattr(self._variables[i], 'path', '')!r}) "
-                    "would be placed apart from the variable: the model was built outside the "
-                    "keras.distribution now in effect. Build the model under the distribution "
-                    "(or create the averages without it). "
-                    f"Received: variable sharding={value.sharding}, "
-                    f"average sharding={average.value.sharding}"
-                )
+        check_placement(self.averages, self._variables, values)
         self.count_limit = int(np.iinfo(count_dtype()).max)
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0

@@ -24,15 +24,25 @@ import numpy as np
 
 from keras_swa import averaging
 from keras_swa.backend import keras
-from keras_swa.backends.jax import copy_as, count_dtype, sync
+from keras_swa.backends.jax import (
+    check_placement,
+    copy_as,
+    count_dtype,
+    replicated_like,
+    sync,
+)
 from keras_swa.backends.jax_finite_check import all_finite, finite_flags
 
 __all__ = ["Statistics"]
 
 
-def _zeros(shape, name):
+def _zeros(shape, name, sharding):
+    """A float32 zero `keras.Variable` placed with `sharding` (see `Statistics`)."""
     return keras.Variable(
-        np.zeros(tuple(shape), np.float32), dtype="float32", trainable=False, name=name
+        jax.device_put(np.zeros(tuple(shape), np.float32), sharding),
+        dtype="float32",
+        trainable=False,
+        name=name,
     )
 
 
@@ -70,13 +80,31 @@ class Statistics:
         self._variables = list(variables)
         self.model = model
         self._check = bool(check)
+        sync(model)
+        values = [v.value for v in self._variables]
         shapes = [tuple(v.shape) for v in self._variables]
-        self.means = [_zeros(s, f"average_{i}") for i, s in enumerate(shapes)]
-        self.m2s = [_zeros(s, f"m2_{i}") for i, s in enumerate(shapes)]
-        self.deviations = [
-            _zeros((max_rank,) + s, f"deviations_{i}") for i, s in enumerate(shapes)
+        # Placed as `keras_swa.backends.jax.Averages` places its averages: each mean and sum
+        # with its variable's sharding, the deviation columns and the count replicated over the
+        # same devices, so that under a `keras.distribution.DataParallel` the update's inputs
+        # keep their shardings from call to call (traced once, donated in place on each device).
+        self.means = [
+            _zeros(s, f"average_{i}", value.sharding)
+            for i, (s, value) in enumerate(zip(shapes, values))
         ]
-        self.count = keras.Variable(0, dtype=count_dtype(), trainable=False, name="n_averaged")
+        self.m2s = [
+            _zeros(s, f"m2_{i}", value.sharding) for i, (s, value) in enumerate(zip(shapes, values))
+        ]
+        self.deviations = [
+            _zeros((max_rank,) + s, f"deviations_{i}", replicated_like(value))
+            for i, (s, value) in enumerate(zip(shapes, values))
+        ]
+        check_placement(self.means, self._variables, values)
+        self.count = keras.Variable(
+            jax.device_put(np.zeros([], count_dtype()), replicated_like(values[0])),
+            dtype=count_dtype(),
+            trainable=False,
+            name="n_averaged",
+        )
         self.count_limit = int(np.iinfo(count_dtype()).max)
         # How often the update was traced (a Python side effect runs only while tracing).
         self.traces = 0
@@ -151,5 +179,9 @@ class Statistics:
         """Zeroes every statistic and the count."""
         for group in self._state():
             for variable in group:
-                variable.assign(jnp.zeros(variable.shape, jnp.float32))
-        self.count.assign(jnp.zeros([], count_dtype()))
+                variable.assign(
+                    jax.device_put(np.zeros(variable.shape, np.float32), variable.value.sharding)
+                )
+        self.count.assign(
+            jax.device_put(np.zeros([], count_dtype()), self.count.value.sharding)
+        )

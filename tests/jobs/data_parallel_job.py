@@ -102,6 +102,54 @@ def averaged_weights(distribution):
                 writing_back(model, averaged, key, dist)
 
 
+def swag_and_fge(distribution):
+    """SWAG's statistics and draws, FGE's members and ensemble, with and without the mesh."""
+    rng = np.random.default_rng(1)
+    base = mlp("swag_base")
+    weights = base.get_weights()
+    deltas = [[rng.normal(size=w.shape).astype("float32") for w in base.trainable_weights]
+              for _ in range(4)]
+    x = rng.normal(size=(6, 5)).astype("float32")
+    for tag, dist in (("dp", distribution), ("single", None)):
+        key = f"swag_{tag}"
+
+        def run():
+            model = mlp(key)
+            model.set_weights(weights)
+            swag = keras_swa.SWAG(model, max_rank=3)
+            fge = keras_swa.FGE(model)
+            for i, delta in enumerate(deltas):
+                for v, d in zip(model.trainable_variables, delta):
+                    v.assign(v.numpy() + d)
+                for j, v in enumerate(model.trainable_variables):
+                    record(f"{key}_snapshot{i}_{j}", v.numpy())
+                assert swag.update() is True
+                if i >= 1:
+                    fge.add()
+            record(f"{key}_traces", swag._jax.traces)
+            record(f"{key}_state_devices",
+                   [devices_of(s.value) for group in (swag._jax.means, swag.m2s, swag.deviations)
+                    for s in group] + [devices_of(swag.n_averaged.value)])
+            for j, (mean, var, columns) in enumerate(
+                    zip(swag.averages, swag.variances(), swag.deviation_columns())):
+                record(f"{key}_mean{j}", mean)
+                record(f"{key}_variance{j}", var)
+                record(f"{key}_columns{j}", columns)
+            for j, value in enumerate(swag.sample_vector(seed=3)):
+                record(f"{key}_draw{j}", value)
+            swag.sample(seed=3)
+            record(f"{key}_sampled_devices",
+                   [devices_of(v.value) for v in model.trainable_variables])
+            for m, member in enumerate(fge.members):
+                for j, w in enumerate(member):
+                    record(f"{key}_fge{m}_{j}", np.asarray(w.numpy()))
+            record(f"{key}_fge_devices", [devices_of(w.value) for w in fge.members[0]])
+            record(f"{key}_fge_predict", fge.predict(x))
+            record(f"{key}_fge_x", x)
+
+        with_distribution(dist, run)
+
+
 def writing_back(model, averaged, key, dist):
     """swap/assign_to, a refused NaN capture, reset and load_weights, under the distribution."""
     variables = model.trainable_variables
@@ -265,6 +313,7 @@ def main():
     averaged_weights(distribution)
     update_bn(distribution)
     fit(distribution)
+    swag_and_fge(distribution)
     np.savez(sys.argv[1], **OUT)
 
 
