@@ -164,9 +164,9 @@ def rule(mode="swa", decay=None, dynamic_decay=False, warmup_power=None, warmup_
     Example:
 
     >>> import numpy as np
-    >>> from keras_swa.backend import ops
     >>> update = rule("ema", decay=0.5)
-    >>> [float(np.asarray(a)[0]) for a in update([ops.zeros([1])], [ops.ones([1])], 1)]
+    >>> zeros, ones = np.zeros(1, "float32"), np.ones(1, "float32")
+    >>> [float(np.asarray(a)[0]) for a in update([zeros], [ones], 1)]
     [0.5]
     """
     def custom(averages, values, n):

@@ -19,7 +19,9 @@ backend (`self._state`, one interface): `keras_swa.backends.tensorflow_swag.Stat
 `keras_swa.backends.jax_swag.Statistics` (`keras.Variable`s, one donated `jax.jit`). On
 TensorFlow `SWAG` is a `tf.Module` holding the statistics under fixed attribute names, carried
 by `tf.train.Checkpoint`; on JAX it is not, and `tf.train.Checkpoint` refuses it
-(`keras_swa.backend.StateModule`).
+(`keras_swa.backend.StateModule`). On every backend `save_weights` / `load_weights` (and Keras'
+`save_own_variables` / `load_own_variables`) keep the whole state in a `.weights.h5` file
+(`keras_swa.swag_store`).
 """
 
 import contextlib
@@ -27,7 +29,15 @@ import numbers
 
 import numpy as np
 
-from keras_swa import backend, distribution, ensemble, finite_check, model_variables
+from keras_swa import (
+    backend,
+    distribution,
+    ensemble,
+    finite_check,
+    model_variables,
+    swag_store,
+    weights_file,
+)
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
 
@@ -239,33 +249,62 @@ class SWAG(backend.StateModule):
         finally:
             model_variables.assign_values(targets, backup)
 
-    def _refuse_store(self, method):
-        where = (
-            "save it with `tf.train.Checkpoint`, which saves all of it"
-            if self._jax is None
-            else "saving SWAG's state is not supported on the JAX backend yet"
-        )
-        raise NotImplementedError(
-            f"`SWAG.{method}` would save only the averages of SWAG's state (not its variances "
-            f"and deviation columns): {where}."
-        )
-
-    def save_weights(self, filepath):
-        """Refused: the averages-only weights file would lose SWAG's variance (see
-        `_refuse_store`); use `tf.train.Checkpoint(swag=swag)` on TensorFlow."""
-        self._refuse_store("save_weights")
-
-    def load_weights(self, filepath):
-        """Refused, as `save_weights`."""
-        self._refuse_store("load_weights")
-
     def save_own_variables(self, store):
-        """Refused, as `save_weights`."""
-        self._refuse_store("save_own_variables")
+        """Writes SWAG's whole state into a Keras-style store (`keras_swa.swag_store`).
+
+        `store` is dict-like with string keys (Keras' own H5 store, or a plain `dict`). It gets
+        `"mean_i"`, `"m2_i"` and `"deviations_i"` for tracked variable `i` (fp32: the mean, the
+        Welford sum of squared deviations and the deviation ring buffer), `"n_averaged"` (int64)
+        and `"fingerprint"` (`max_rank` and the tracked shapes), which `load_own_variables`
+        checks. The same on every backend.
+
+        Args:
+            store: a dict-like, written with `store[key] = numpy_array`.
+        """
+        swag_store.fill(
+            store, self._store_fingerprint(), self._state.arrays(), int(self.n_averaged.numpy())
+        )
 
     def load_own_variables(self, store):
-        """Refused, as `save_weights`."""
-        self._refuse_store("load_own_variables")
+        """Restores SWAG's state saved by `save_own_variables`.
+
+        Everything is read and checked before anything is written: a store saved from other
+        variables or with another `max_rank` raises a `ValueError` that names the difference,
+        and leaves this SWAG as it was.
+
+        Args:
+            store: a dict-like with the keys `save_own_variables` writes.
+        """
+        groups, count = swag_store.read(
+            store, self._store_fingerprint(), self._source.variables, self._state.count_limit
+        )
+        self._state.restore(groups, count)
+
+    def save_weights(self, filepath):
+        """Saves SWAG's whole state (`save_own_variables`) to a `.weights.h5` file.
+
+        The file is written under a temporary name in the same folder and then renamed over
+        `filepath`, so an interrupted save never leaves a half-written file. It works on every
+        backend (on TensorFlow, `tf.train.Checkpoint(swag=swag)` works as well). Needs h5py
+        (installed with Keras 3).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        store = {}
+        self.save_own_variables(store)
+        weights_file.write(filepath, store)
+
+    def load_weights(self, filepath):
+        """Restores the state saved by `save_weights` (checked first, as `load_own_variables`).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        self.load_own_variables(weights_file.read(filepath))
+
+    def _store_fingerprint(self):
+        return swag_store.fingerprint(self._max_rank, self._source.variables)
 
     # ------------------------------------------------------------------ the Gaussian
 

@@ -744,15 +744,3 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
         averaged.save_weights(path)
     assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swa.weights.h5"]
-
-
-def test_swag_refuses_the_averages_only_store(tmp_path):
-    from keras_swa.swag import SWAG
-
-    swag = SWAG(_model(), max_rank=2)
-    swag.update()
-    with pytest.raises(NotImplementedError, match="tf.train.Checkpoint"):
-        swag.save_weights(tmp_path / "swag.weights.h5")
-    with pytest.raises(NotImplementedError, match="tf.train.Checkpoint"):
-        swag.load_own_variables({})
-    assert list(tmp_path.iterdir()) == []

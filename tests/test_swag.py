@@ -274,6 +274,58 @@ def test_checkpoint_round_trip(tmp_path):
     assert any("m2" in n for n in names) and any("deviations" in n for n in names), names
 
 
+def test_weights_file_round_trip_restores_the_whole_state(tmp_path):
+    model = _dense_model(units=(5, 3))
+    swag = SWAG(model, max_rank=3)
+    rng = np.random.default_rng(15)
+    captures = _capture(model, swag, rng, 5)  # 5 captures: the ring buffer has wrapped
+    path = tmp_path / "swag.weights.h5"
+    swag.save_weights(path)
+    restored = SWAG(model, max_rank=3)
+    restored.load_weights(path)
+    assert int(restored.n_averaged.numpy()) == 5
+    np.testing.assert_allclose(_flat(restored.mean()), captures.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(restored.variances()), captures.var(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_flat(restored.deviation_columns(), leading=1),
+                               _np_deviations(captures, 3), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(_flat(swag.sample_vector(seed=4)),
+                                  _flat(restored.sample_vector(seed=4)))
+    # The restored ring buffer goes on where the saved one stopped: capture 6 replaces the
+    # oldest column, and the mean and variance are those of all 6 captures.
+    sixth = _capture(model, restored, rng, 1)
+    both = np.concatenate([captures, sixth])
+    np.testing.assert_allclose(_flat(restored.mean()), both.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(restored.variances()), both.var(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_flat(restored.deviation_columns(), leading=1),
+                               _np_deviations(both, 3), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mismatched_store_is_refused_and_changes_nothing(tmp_path):
+    model = _dense_model(units=(3,))
+    swag = SWAG(model, max_rank=3)
+    _capture(model, swag, np.random.default_rng(16), 2)
+    store = {}
+    swag.save_own_variables(store)
+    other = SWAG(model, max_rank=2)
+    captures = _capture(model, other, np.random.default_rng(17), 1)
+    with pytest.raises(ValueError, match="max_rank=3"):
+        other.load_own_variables(store)
+    wider = SWAG(_dense_model(units=(4,)), max_rank=3)
+    with pytest.raises(ValueError, match=r"shapes \[\[4, 3\], \[3\]\]"):
+        wider.load_own_variables(store)
+    averaged_store = {}
+    averaged = AveragedWeights(model)
+    averaged.update()
+    averaged.save_own_variables(averaged_store)
+    with pytest.raises(ValueError, match="not saved by `SWAG.save_own_variables`"):
+        other.load_own_variables(averaged_store)
+    with pytest.raises(ValueError, match="must end in `.weights.h5`"):
+        other.save_weights(tmp_path / "swag.h5")
+    assert list(tmp_path.iterdir()) == []
+    assert int(other.n_averaged.numpy()) == 1
+    np.testing.assert_allclose(_flat(other.mean()), captures[0], rtol=1e-6)
+
+
 @pytest.mark.tf_only("tf.distribute")
 def test_mirrored_strategy_keeps_replicas_identical():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -177,14 +177,6 @@ def test_captures_during_fit_match_the_recorded_weights():
                                    stats[0][0], atol=1e-6)
 
 
-def test_saving_is_refused_clearly(tmp_path):
-    swag = SWAG(_model(), max_rank=2)
-    swag.update()
-    with pytest.raises(NotImplementedError, match="not supported on the JAX backend"):
-        swag.save_weights(str(tmp_path / "swag.weights.h5"))
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_model_parallel_distribution_is_refused_by_name():
     # DataParallel runs (tests/test_data_parallel.py, on 2 devices); sharded variables are
     # untested: refused, never a silently wrong number.

@@ -175,6 +175,22 @@ class Statistics:
     def columns(self, order):
         return [jnp.take(d.value, jnp.asarray(order, jnp.int32), axis=0) for d in self.deviations]
 
+    def arrays(self):
+        """`(means, m2s, deviations)` as float32 NumPy arrays (`keras_swa.swag_store`)."""
+        return [[np.asarray(v.value) for v in group] for group in self._state()]
+
+    def restore(self, groups, count):
+        """Writes `(means, m2s, deviations)` (NumPy, as `arrays` gives them) and `count`,
+        each placed as before."""
+        for group, values in zip(self._state(), groups):
+            for variable, value in zip(group, values):
+                variable.assign(
+                    jax.device_put(np.asarray(value, np.float32), variable.value.sharding)
+                )
+        self.count.assign(
+            jax.device_put(np.asarray(count, count_dtype()), self.count.value.sharding)
+        )
+
     def reset(self):
         """Zeroes every statistic and the count."""
         for group in self._state():

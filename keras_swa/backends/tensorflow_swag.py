@@ -198,6 +198,17 @@ class Statistics:
             variable.assign(tf.zeros_like(variable))
         self.count.assign(0)
 
+    def arrays(self):
+        """`(means, m2s, deviations)` as float32 NumPy arrays (`keras_swa.swag_store`)."""
+        return [[v.numpy() for v in group] for group in self._state()]
+
+    def restore(self, groups, count):
+        """Writes `(means, m2s, deviations)` (NumPy, as `arrays` gives them) and `count`."""
+        for group, values in zip(self._state(), groups):
+            for variable, value in zip(group, values):
+                variable.assign(value)
+        self.count.assign(count)
+
     # ------------------------------------------------------------------ reading
 
     def means_values(self):
