@@ -17,7 +17,15 @@ copy of the model's weights per member.
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend, distribution, ensemble, export, model_variables
+from keras_swa import (
+    backend,
+    distribution,
+    ensemble,
+    export,
+    fge_store,
+    model_variables,
+    weights_file,
+)
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
 
@@ -49,7 +57,8 @@ class FGE(backend.StateModule):
     the snapshots are taken from the model's (mirrored) weights but not mirrored themselves.
     On JAX the snapshots are `keras.Variable` copies (synced from a running `fit`, never the
     model's own buffers), which `tf.train.Checkpoint` cannot carry: it refuses the `FGE` there
-    (`keras_swa.backend.StateModule`).
+    (`keras_swa.backend.StateModule`). On every backend `save_weights` / `load_weights` keep
+    the members in a `.weights.h5` file (`keras_swa.fge_store`).
 
     Args:
         model: a built Keras model (functional or Sequential for `export_saved_model`).
@@ -118,6 +127,65 @@ class FGE(backend.StateModule):
         """Same as `add()`: the name a capture callback calls on SWA's averaging state."""
         self.add()
         return True
+
+    def save_own_variables(self, store):
+        """Writes every member into a Keras-style store (`keras_swa.fge_store`).
+
+        `store` is dict-like with string keys (Keras' own H5 store, or a plain `dict`). It gets
+        `"member_m_i"`, weight `i` of member `m` (oldest first) in its own dtype, and
+        `"fingerprint"` (the member count, the weights' shapes and dtypes), which
+        `load_own_variables` checks. The same on every backend.
+
+        Args:
+            store: a dict-like, written with `store[key] = numpy_array`.
+        """
+        members = [[np.asarray(_value(s)) for s in member] for member in self.members]
+        fge_store.fill(store, fge_store.fingerprint(self.model.weights, len(members)), members)
+
+    def load_own_variables(self, store):
+        """Replaces the members by those saved by `save_own_variables`.
+
+        Everything is read and checked before anything is written: a store saved from another
+        model (other shapes or dtypes), or with more members than `max_members`, raises a
+        `ValueError` that names the difference, and leaves the members as they were.
+
+        Args:
+            store: a dict-like with the keys `save_own_variables` writes.
+        """
+        weights = self.model.weights
+        members = fge_store.read(
+            store, fge_store.fingerprint(weights, 0), weights, self._max_members
+        )
+        model_variables.sync(self.model)
+        self.reset()
+        for index, member in enumerate(members):
+            self.members.append([
+                _snapshot(model_variables.placed_like(value, weight), f"member_{index}_{i}")
+                for i, (value, weight) in enumerate(zip(member, weights))
+            ])
+
+    def save_weights(self, filepath):
+        """Saves every member (`save_own_variables`) to a `.weights.h5` file.
+
+        The file is written under a temporary name in the same folder and then renamed over
+        `filepath`, so an interrupted save never leaves a half-written file. It works on every
+        backend (on TensorFlow, `tf.train.Checkpoint(fge=fge)` works as well). Needs h5py
+        (installed with Keras 3).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        store = {}
+        self.save_own_variables(store)
+        weights_file.write(filepath, store)
+
+    def load_weights(self, filepath):
+        """Replaces the members by those saved by `save_weights` (checked first).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        self.load_own_variables(weights_file.read(filepath))
 
     def reset(self):
         """Drops every member."""

@@ -12,6 +12,7 @@ is written is a fresh copy too.
 
 import contextlib
 
+import numpy as np
 import tensorflow as tf
 
 from keras_swa import backend
@@ -23,6 +24,7 @@ __all__ = [
     "collect",
     "copy_values",
     "matching",
+    "placed_like",
     "restored",
     "sync",
     "variable_name",
@@ -62,6 +64,15 @@ def copy_values(variables):
 
         return [jax_backend.copy_as(v.value, v.dtype) for v in variables]
     return [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+
+
+def placed_like(value, variable):
+    """`value` (NumPy) as a new array placed as `variable`'s value (its sharding on JAX)."""
+    if backend.backend_name() == "jax":
+        import jax
+
+        return jax.device_put(np.asarray(value), variable.value.sharding)
+    return tf.convert_to_tensor(value)
 
 
 def assign_values(variables, values):

@@ -168,6 +168,50 @@ def test_checkpoint_round_trip(tmp_path):
             np.testing.assert_array_equal(w, r)
 
 
+def test_weights_file_round_trip_restores_every_member(tmp_path):
+    model, fge, recorded, x = _trained_ensemble(cycles=3)
+    expected = fge.predict(x[:8])
+    path = tmp_path / "fge.weights.h5"
+    fge.save_weights(path)
+    restored = FGE(model)
+    restored.add()  # replaced by the file's members
+    model.set_weights([np.zeros_like(w) for w in recorded[0]])
+    restored.load_weights(path)
+    assert len(restored) == 3
+    for index, weights in enumerate(recorded):
+        restored.assign_member(index)
+        for w, r in zip(model.get_weights(), weights):
+            np.testing.assert_array_equal(w, r)
+    model.set_weights(recorded[-1])
+    np.testing.assert_allclose(restored.predict(x[:8]), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_mismatched_store_is_refused_and_keeps_the_members(tmp_path):
+    model, fge, recorded, _ = _trained_ensemble(cycles=2)
+    store = {}
+    fge.save_own_variables(store)
+    few = FGE(model, max_members=1)
+    few.add()
+    kept = [np.array(s) for s in few.members[0]]
+    with pytest.raises(ValueError, match="max_members=1"):
+        few.load_own_variables(store)
+    keras.utils.set_random_seed(5)
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="shapes"):
+        FGE(other).load_own_variables(store)
+    with pytest.raises(ValueError, match="not readable"):
+        few.load_own_variables({"fingerprint": store["fingerprint"][:5]})
+    swag_like = {"fingerprint": np.frombuffer(b'{"format": "keras_swa.SWAG"}', np.uint8)}
+    with pytest.raises(ValueError, match="not saved by `FGE.save_own_variables`"):
+        few.load_own_variables(swag_like)
+    with pytest.raises(ValueError, match="must end in `.weights.h5`"):
+        few.save_weights(tmp_path / "fge.h5")
+    assert list(tmp_path.iterdir()) == []
+    assert len(few) == 1
+    for s, k in zip(few.members[0], kept):
+        np.testing.assert_array_equal(np.array(s), k)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(TypeError, match="Received: model="):
         FGE("model")
