@@ -8,11 +8,9 @@ checked before anything is written, so a store from other variables or another r
 `ValueError` naming the difference and changes nothing. The same on every backend.
 """
 
-import json
-
 import numpy as np
 
-from keras_swa import model_variables
+from keras_swa import model_variables, stores
 
 __all__ = ["FORMAT", "fill", "fingerprint", "read"]
 
@@ -34,7 +32,7 @@ def fingerprint(rule, variables):
 
 def fill(store, mine, averages, count):
     """Writes the fingerprint `mine`, the count and the `averages` (fp32) into `store`."""
-    store["fingerprint"] = np.frombuffer(json.dumps(mine).encode("utf-8"), np.uint8)
+    stores.write_fingerprint(store, mine)
     store["n_averaged"] = np.asarray(count, np.int64)
     for i, average in enumerate(averages):
         store[str(i)] = np.asarray(average, np.float32)
@@ -53,24 +51,7 @@ def read(store, mine, variables, count_limit):
         ValueError: naming what differs, if the store does not match.
     """
 
-    def get(key):
-        try:
-            return np.asarray(store[key])
-        except KeyError:
-            raise ValueError(
-                f"The store holds no {key!r} entry: it was not saved by "
-                "`AveragedWeights.save_own_variables`."
-            ) from None
-
-    try:
-        saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("The store's 'fingerprint' entry is not readable.") from None
-    if saved.get("format") != mine["format"]:
-        raise ValueError(
-            "The store was not saved by `AveragedWeights.save_own_variables`. "
-            f"Received: format={saved.get('format')!r}"
-        )
+    saved = stores.read_fingerprint(store, FORMAT, "AveragedWeights")
     if saved["rule"] != mine["rule"]:
         raise ValueError(
             f"The saved averages were made by the {saved['rule']!r} rule, this "
@@ -85,7 +66,7 @@ def read(store, mine, variables, count_limit):
         )
     values = []
     for i, (shape, variable) in enumerate(zip(mine["shapes"], variables)):
-        value = get(str(i))
+        value = stores.entry(store, str(i), "AveragedWeights")
         if list(value.shape) != shape or saved["shapes"][i] != shape:
             raise ValueError(
                 f"Variable {i} ({model_variables.variable_name(variable)!r}) has shape "
@@ -93,12 +74,4 @@ def read(store, mine, variables, count_limit):
                 f"Received: saved shapes={saved['shapes']}"
             )
         values.append(value.astype(np.float32))
-    count = get("n_averaged")
-    if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
-        0 <= int(count) <= count_limit
-    ):
-        raise ValueError(
-            f"`n_averaged` must be an integer in [0, {count_limit}]. "
-            f"Received: n_averaged={count!r}"
-        )
-    return values, int(count)
+    return values, stores.read_count(store, "AveragedWeights", count_limit)

@@ -8,11 +8,9 @@ is read and checked before anything is written, so a store from another model ra
 `ValueError` naming the difference and changes nothing. The same on every backend.
 """
 
-import json
-
 import numpy as np
 
-from keras_swa import model_variables
+from keras_swa import model_variables, stores
 
 __all__ = ["FORMAT", "fill", "fingerprint", "read"]
 
@@ -40,7 +38,7 @@ def _dtype_name(weight):
 
 def fill(store, mine, members):
     """Writes the fingerprint `mine` and each member's weights (NumPy) into `store`."""
-    store["fingerprint"] = np.frombuffer(json.dumps(mine).encode("utf-8"), np.uint8)
+    stores.write_fingerprint(store, mine)
     for m, member in enumerate(members):
         for i, value in enumerate(member):
             store[f"member_{m}_{i}"] = np.asarray(value)
@@ -60,24 +58,7 @@ def read(store, mine, weights, max_members):
         ValueError: naming what differs, if the store does not match.
     """
 
-    def get(key):
-        try:
-            return np.asarray(store[key])
-        except KeyError:
-            raise ValueError(
-                f"The store holds no {key!r} entry: it was not saved by "
-                "`FGE.save_own_variables`."
-            ) from None
-
-    try:
-        saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("The store's 'fingerprint' entry is not readable.") from None
-    if saved.get("format") != FORMAT:
-        raise ValueError(
-            "The store was not saved by `FGE.save_own_variables`. "
-            f"Received: format={saved.get('format')!r}"
-        )
+    saved = stores.read_fingerprint(store, FORMAT, "FGE")
     if saved["shapes"] != mine["shapes"] or saved["dtypes"] != mine["dtypes"]:
         raise ValueError(
             f"The store holds members of weights of shapes {saved['shapes']} and dtypes "
@@ -94,7 +75,7 @@ def read(store, mine, weights, max_members):
     for m in range(count):
         member = []
         for i, (shape, dtype, weight) in enumerate(zip(mine["shapes"], mine["dtypes"], weights)):
-            value = get(f"member_{m}_{i}")
+            value = stores.entry(store, f"member_{m}_{i}", "FGE")
             if list(value.shape) != shape or value.dtype != np.dtype(dtype):
                 raise ValueError(
                     f"Member {m}'s weight {i} ({model_variables.variable_name(weight)!r}) is "

@@ -11,11 +11,9 @@ from other variables or another `max_rank` raises a `ValueError` naming the diff
 changes nothing. The same on every backend.
 """
 
-import json
-
 import numpy as np
 
-from keras_swa import model_variables
+from keras_swa import model_variables, stores
 
 __all__ = ["FORMAT", "GROUPS", "fill", "fingerprint", "read"]
 
@@ -39,7 +37,7 @@ def fingerprint(max_rank, variables):
 
 def fill(store, mine, groups, count):
     """Writes the fingerprint `mine`, the count and `groups` (means, m2s, deviations) to `store`."""
-    store["fingerprint"] = np.frombuffer(json.dumps(mine).encode("utf-8"), np.uint8)
+    stores.write_fingerprint(store, mine)
     store["n_averaged"] = np.asarray(count, np.int64)
     for name, values in zip(GROUPS, groups):
         for i, value in enumerate(values):
@@ -59,24 +57,7 @@ def read(store, mine, variables, count_limit):
         ValueError: naming what differs, if the store does not match.
     """
 
-    def get(key):
-        try:
-            return np.asarray(store[key])
-        except KeyError:
-            raise ValueError(
-                f"The store holds no {key!r} entry: it was not saved by "
-                "`SWAG.save_own_variables`."
-            ) from None
-
-    try:
-        saved = json.loads(get("fingerprint").astype(np.uint8).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("The store's 'fingerprint' entry is not readable.") from None
-    if saved.get("format") != FORMAT:
-        raise ValueError(
-            "The store was not saved by `SWAG.save_own_variables`. "
-            f"Received: format={saved.get('format')!r}"
-        )
+    saved = stores.read_fingerprint(store, FORMAT, "SWAG")
     if saved["max_rank"] != mine["max_rank"]:
         raise ValueError(
             f"The store was saved by a SWAG with max_rank={saved['max_rank']}, this SWAG has "
@@ -92,7 +73,7 @@ def read(store, mine, variables, count_limit):
         values = []
         for i, (shape, variable) in enumerate(zip(mine["shapes"], variables)):
             expected = ([mine["max_rank"]] if name == "deviations" else []) + shape
-            value = get(f"{name}_{i}")
+            value = stores.entry(store, f"{name}_{i}", "SWAG")
             if list(value.shape) != expected:
                 raise ValueError(
                     f"The saved {name} of variable {i} "
@@ -102,12 +83,4 @@ def read(store, mine, variables, count_limit):
                 )
             values.append(value.astype(np.float32))
         groups.append(values)
-    count = get("n_averaged")
-    if count.shape != () or not np.issubdtype(count.dtype, np.integer) or not (
-        0 <= int(count) <= count_limit
-    ):
-        raise ValueError(
-            f"`n_averaged` must be an integer in [0, {count_limit}]. "
-            f"Received: n_averaged={count!r}"
-        )
-    return groups, int(count)
+    return groups, stores.read_count(store, "SWAG", count_limit)
