@@ -34,7 +34,7 @@ A `call_fn` is held weakly too, and a different `call_fn` (another function obje
 pass: a cached pass never runs a forward pass the caller did not ask for.
 
 This module is what every backend shares: the arguments, the layers to update, the data and
-its batches, the Neumaier sums (`_accumulate`) and the pass cache's entries. The pass itself is
+its batches, the Neumaier sums (`accumulate`) and the pass cache's entries. The pass itself is
 the backend's: `keras_swa.backends.tensorflow_batch_norm` (a `tf.function` per replica under
 `tf.distribute`; also tf_keras) or `keras_swa.backends.jax_batch_norm` (one `jax.jit`).
 """
@@ -50,9 +50,19 @@ from keras_swa import backend
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
 
-__all__ = ["update_bn"]
+__all__ = [
+    "CachedPass",
+    "accumulate",
+    "batch_size_of",
+    "layer_statistics",
+    "no_data_error",
+    "pass_error",
+    "update_bn",
+    "weak_call_fn",
+]
 
 _DEFAULT_BATCH_SIZE = 32
+
 
 def update_bn(
     model, data, steps=None, batch_size=None, verbose="auto", jit_compile=False, call_fn=None
@@ -205,7 +215,7 @@ def _progbar(num_batches, verbose):
     return keras.utils.Progbar(num_batches, verbose=verbose) if verbose else None
 
 
-def _pass_error(call_fn, batch, x, data, error):
+def pass_error(call_fn, batch, x, data, error):
     """The `ValueError` for a batch the forward pass could not run on (both backends)."""
     runner = "the model" if call_fn is None else f"`call_fn` ({call_fn!r})"
     return ValueError(
@@ -216,7 +226,8 @@ def _pass_error(call_fn, batch, x, data, error):
     )
 
 
-def _no_data_error(data, steps):
+def no_data_error(data, steps):
+    """The `ValueError` for `data` that yielded no samples (both backends)."""
     return ValueError(
         "`update_bn` received no data: `data` yielded no samples, so the BatchNorm "
         f"statistics cannot be recomputed. Received: data={_describe(data)}"
@@ -224,7 +235,7 @@ def _no_data_error(data, steps):
     )
 
 
-class _CachedPass:
+class CachedPass:
     """A model's compiled pass, with what it was built for (`strategy`, `call_fn`)."""
 
     def __init__(self, strategy, call_fn_ref, step):
@@ -242,7 +253,7 @@ class _CachedPass:
         return cached is not None and (cached is call_fn or cached == call_fn)
 
 
-def _weak_call_fn(call_fn):
+def weak_call_fn(call_fn):
     """A weak reference to `call_fn` (`WeakMethod` for bound methods); `None` if impossible.
 
     Held weakly so that the cache (whose keys are the models) never keeps alive a `call_fn`
@@ -258,7 +269,7 @@ def _weak_call_fn(call_fn):
         return None
 
 
-def _accumulate(sums, compensations, statistics, count):
+def accumulate(sums, compensations, statistics, count):
     """Adds `count` times the statistics to float32 running sums (Neumaier summation).
 
     The compensated sum keeps the error of the total at float32 rounding however many batches
@@ -309,7 +320,7 @@ def _layers_to_update(model):
     ]
 
 
-def _statistics(layer):
+def layer_statistics(layer):
     """The variables a BN layer's `momentum` governs (renorm layers also keep a moving stddev)."""
     variables = [layer.moving_mean, layer.moving_variance]
     if getattr(layer, "renorm", False) and getattr(layer, "moving_stddev", None) is not None:
@@ -412,7 +423,8 @@ def _unpack_x(element):
     return element
 
 
-def _batch_size_of(x, data):
+def batch_size_of(x, data):
+    """The number of samples in batch `x` (its inputs' leading dimension), checked."""
     leaves = tf.nest.flatten(x)
     for leaf in leaves:
         shape = getattr(leaf, "shape", None)

@@ -14,7 +14,7 @@ How, with public Keras 3 APIs only:
   restoring, and a failing pass leaves the model as it was.
 - The BN statistics are fed in as zeros and each updated layer's `momentum` is 0 while the
   program is traced, so the value the layer assigns, `0 * 0 + batch_stat * (1 - 0)`, is exactly
-  its batch statistic. The shared `keras_swa.batch_norm._accumulate` folds it into float32
+  its batch statistic. The shared `keras_swa.batch_norm.accumulate` folds it into float32
   Neumaier sums inside the same program; `momentum` is restored when the pass ends.
 - The program is traced once per input signature (once more for an uneven last batch) and kept
   per model (weakly), like the TensorFlow pass. Its sums are donated to it (`donate_argnums`);
@@ -45,7 +45,7 @@ from keras_swa.backends.jax import replicated_like, sync
 
 __all__ = ["check_distribution", "host_arrays", "recompute"]
 
-# model -> {(variable ids, statistics ids, custom call?): batch_norm._CachedPass}; the passes hold the model
+# model -> {(variable ids, statistics ids, custom call?): batch_norm.CachedPass}; the passes hold the model
 # (and a `call_fn`) weakly, so an entry dies with its model.
 _PASSES = weakref.WeakKeyDictionary()
 
@@ -95,7 +95,7 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
     """The pass and the new statistics; returns the number of samples (see `update_bn`)."""
     current = check_distribution()
     sync(model)
-    stats = [var for layer in layers for var in batch_norm._statistics(layer)]
+    stats = [var for layer in layers for var in batch_norm.layer_statistics(layer)]
     compiled = _compiled_pass(model, stats, call_fn)
     inputs = [var.value for var in compiled.inputs]  # read now: never kept across calls
     size = sum(int(np.prod(var.shape)) for var in stats)
@@ -111,7 +111,7 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
         seen = 0
         num_steps = 0
         for x in batches:
-            n = batch_norm._batch_size_of(x, data)
+            n = batch_norm.batch_size_of(x, data)
             if n == 0:
                 continue
             try:
@@ -119,7 +119,7 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
                     inputs, _shard(_as_numpy(x), current), jnp.float32(n), sums, compensations
                 )
             except (ValueError, TypeError, KeyError) as e:
-                raise batch_norm._pass_error(call_fn, num_steps + 1, x, data, e) from e
+                raise batch_norm.pass_error(call_fn, num_steps + 1, x, data, e) from e
             seen += n
             num_steps += 1
             if progbar is not None:
@@ -128,7 +128,7 @@ def recompute(model, layers, batches, data, steps, progbar, call_fn):
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     if seen == 0:
-        raise batch_norm._no_data_error(data, steps)
+        raise batch_norm.no_data_error(data, steps)
     totals = np.asarray(sums + compensations)
     assigned = np.asarray(assigned)
     offset = 0
@@ -152,7 +152,7 @@ class _Pass:
 
     def __init__(self, model, statistics, call_fn):
         self._model = weakref.ref(model)
-        ref = batch_norm._weak_call_fn(call_fn)
+        ref = batch_norm.weak_call_fn(call_fn)
         self._custom = call_fn is not None
         # No weak reference possible: held strongly, and this pass is never cached.
         self._call_fn = (lambda: call_fn) if ref is None else ref
@@ -173,7 +173,7 @@ class _Pass:
                 model(x, training=True)
             else:
                 call_fn = self._call_fn()
-                if call_fn is None:  # never reused once it is gone (`_CachedPass.serves`)
+                if call_fn is None:  # never reused once it is gone (`CachedPass.serves`)
                     raise RuntimeError("The `call_fn` of this `update_bn` pass no longer exists.")
                 call_fn(model, x)
         values = [scope.get_current_value(var) for var in self.statistics]
@@ -182,7 +182,7 @@ class _Pass:
             jnp.zeros(tuple(var.shape), jnp.float32) if value is None else value
             for var, value in zip(self.statistics, values)
         ]
-        sums, compensations = batch_norm._accumulate(sums, compensations, values, count)
+        sums, compensations = batch_norm.accumulate(sums, compensations, values, count)
         return sums, compensations, jnp.asarray(assigned, dtype=bool)
 
 
@@ -201,9 +201,9 @@ def _compiled_pass(model, statistics, call_fn):
     if cached is not None and cached.serves(None, call_fn):
         return cached.step
     compiled = _Pass(model, statistics, call_fn)
-    call_fn_ref = batch_norm._weak_call_fn(call_fn)
+    call_fn_ref = batch_norm.weak_call_fn(call_fn)
     if call_fn is None or call_fn_ref is not None:
-        passes[key] = batch_norm._CachedPass(None, call_fn_ref, compiled)
+        passes[key] = batch_norm.CachedPass(None, call_fn_ref, compiled)
     else:
         passes.pop(key, None)
     return compiled

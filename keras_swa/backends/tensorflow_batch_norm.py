@@ -10,7 +10,7 @@ How, with public TensorFlow/Keras APIs only:
 
 - During the pass each updated layer's `momentum` is 0, so after every batch its moving
   statistics hold that batch's statistics; a `tf.function` (`_ForwardPass`) folds them into
-  float32 Neumaier sums (the shared `keras_swa.batch_norm._accumulate`) right after the forward
+  float32 Neumaier sums (the shared `keras_swa.batch_norm.accumulate`) right after the forward
   pass, and the averages are written back once the whole pass has succeeded. Every other
   non-trainable variable the forward pass may write is backed up and restored.
 - Under a `tf.distribute` strategy each global batch is split between the replicas
@@ -31,7 +31,7 @@ from keras_swa import batch_norm, distribution
 
 __all__ = ["check_jit_compile", "recompute", "strategy_for"]
 
-# model -> {(strategy id, jit_compile, statistics ids, custom call?): batch_norm._CachedPass}.
+# model -> {(strategy id, jit_compile, statistics ids, custom call?): batch_norm.CachedPass}.
 # Weak keys, and the passes hold the model (and a `call_fn`) only weakly, so an entry dies with
 # its model.
 _PASSES = weakref.WeakKeyDictionary()
@@ -73,7 +73,7 @@ def recompute(model, layers, batches, data, steps, progbar, strategy, jit_compil
 
 def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compile, call_fn):
     """The pass itself, in the cross-replica context of `strategy`; returns the sample count."""
-    stats = [var for layer in layers for var in batch_norm._statistics(layer)]
+    stats = [var for layer in layers for var in batch_norm.layer_statistics(layer)]
     stat_ids = {id(var) for var in stats}
     # Everything else a training-mode forward pass may write to (the statistics of BN layers
     # that are not updated, seed-generator states, ...). Reads of resource variables are
@@ -99,7 +99,7 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
         seen = 0
         num_steps = 0
         for x in batches:
-            n = batch_norm._batch_size_of(x, data)
+            n = batch_norm.batch_size_of(x, data)
             if n == 0:
                 continue
             try:
@@ -109,13 +109,13 @@ def _recompute(model, layers, batches, data, steps, progbar, strategy, jit_compi
                     inputs = _split_batch(strategy, x, n)
                 state = step(*inputs, state)
             except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
-                raise batch_norm._pass_error(call_fn, num_steps + 1, x, data, e) from e
+                raise batch_norm.pass_error(call_fn, num_steps + 1, x, data, e) from e
             seen += n
             num_steps += 1
             if progbar is not None:
                 progbar.update(num_steps)
         if seen == 0:
-            raise batch_norm._no_data_error(data, steps)
+            raise batch_norm.no_data_error(data, steps)
         # One sum over the replicas (and workers) of every replica's compensated sums.
         local_totals = strategy.run(tf.function(lambda s, c: s + c), args=state)
         totals = strategy.reduce(tf.distribute.ReduceOp.SUM, local_totals, axis=None)
@@ -158,12 +158,12 @@ def _compiled_pass(model, statistics, strategy, jit_compile, call_fn=None):
     cached = passes.get(key)
     if cached is not None and cached.serves(strategy, call_fn):
         return cached.step
-    call_fn_ref = batch_norm._weak_call_fn(call_fn)
+    call_fn_ref = batch_norm.weak_call_fn(call_fn)
     step = tf.function(
         _ForwardPass(model, statistics, strategy, jit_compile, call_fn), reduce_retracing=True
     )
     if call_fn is None or call_fn_ref is not None:
-        passes[key] = batch_norm._CachedPass(strategy, call_fn_ref, step)
+        passes[key] = batch_norm.CachedPass(strategy, call_fn_ref, step)
     else:
         passes.pop(key, None)
     return step
@@ -175,13 +175,13 @@ class _ForwardPass:
     A callable object rather than a closure, so that `tf.function` keeps the trace statistics of
     every model's pass apart. It holds the model and `call_fn` weakly (when it can): the cache
     of passes must not keep models alive. The caller of `update_bn` holds `call_fn` while the
-    pass runs, and `batch_norm._CachedPass.serves` checks it is alive before the pass is reused.
+    pass runs, and `batch_norm.CachedPass.serves` checks it is alive before the pass is reused.
     """
 
     def __init__(self, model, statistics, strategy, jit_compile, call_fn=None):
         self._model = weakref.ref(model)
         self._custom = call_fn is not None
-        ref = batch_norm._weak_call_fn(call_fn)
+        ref = batch_norm.weak_call_fn(call_fn)
         # No weak reference possible: held strongly, and this pass is never cached.
         self._call_fn = (lambda: call_fn) if ref is None else ref
         self.statistics = statistics
@@ -213,7 +213,7 @@ class _ForwardPass:
             self._model()(x, training=True)
         else:
             call_fn = self._call_fn()
-            if call_fn is None:  # never reused once it is gone (`batch_norm._CachedPass.serves`)
+            if call_fn is None:  # never reused once it is gone (`batch_norm.CachedPass.serves`)
                 raise RuntimeError("The `call_fn` of this `update_bn` pass no longer exists.")
             call_fn(self._model(), x)
         # Automatic control dependencies order these reads after the layers' own assignments.
@@ -224,7 +224,7 @@ class _ForwardPass:
             # replicas) computes NaN statistics, which `0 * nan` would carry into its next batch.
             for var, value in zip(self.statistics, values):
                 var.assign(tf.where(tf.math.is_finite(value), value, tf.zeros_like(value)))
-        return batch_norm._accumulate(*state, values, count)
+        return batch_norm.accumulate(*state, values, count)
 
 
 def _per_replica(strategy, value_fn):
