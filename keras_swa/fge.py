@@ -44,7 +44,7 @@ def _value(snapshot):
     return snapshot.value if backend.backend_name() == "jax" else snapshot
 
 
-class FGE(backend.StateModule):
+class FGE(backend.StateModule, weights_file.WeightsFileMethods):
     """A Fast Geometric Ensemble: snapshots of a model whose probabilities are averaged.
 
     Call `add()` (or its alias `update()`) at the end of every learning-rate cycle; `predict()`
@@ -163,29 +163,6 @@ class FGE(backend.StateModule):
                 _snapshot(model_variables.placed_like(value, weight), f"member_{index}_{i}")
                 for i, (value, weight) in enumerate(zip(member, weights))
             ])
-
-    def save_weights(self, filepath):
-        """Saves every member (`save_own_variables`) to a `.weights.h5` file.
-
-        The file is written under a temporary name in the same folder and then renamed over
-        `filepath`, so an interrupted save never leaves a half-written file. It works on every
-        backend (on TensorFlow, `tf.train.Checkpoint(fge=fge)` works as well). Needs h5py
-        (installed with Keras 3).
-
-        Args:
-            filepath: str or `os.PathLike`, ending in `.weights.h5`.
-        """
-        store = {}
-        self.save_own_variables(store)
-        weights_file.write(filepath, store)
-
-    def load_weights(self, filepath):
-        """Replaces the members by those saved by `save_weights` (checked first).
-
-        Args:
-            filepath: str or `os.PathLike`, ending in `.weights.h5`.
-        """
-        self.load_own_variables(weights_file.read(filepath))
 
     def reset(self):
         """Drops every member."""

@@ -46,7 +46,7 @@ __all__ = ["SWAG"]
 _NONFINITE = finite_check.POLICIES
 
 
-class SWAG(backend.StateModule):
+class SWAG(backend.StateModule, weights_file.WeightsFileMethods):
     """SWA-Gaussian: a diagonal plus low-rank Gaussian over a model's weights.
 
     Call `update()` at the SWA captures (the end of each learning-rate cycle), exactly as for
@@ -279,29 +279,6 @@ class SWAG(backend.StateModule):
             store, self._store_fingerprint(), self._source.variables, self._state.count_limit
         )
         self._state.restore(groups, count)
-
-    def save_weights(self, filepath):
-        """Saves SWAG's whole state (`save_own_variables`) to a `.weights.h5` file.
-
-        The file is written under a temporary name in the same folder and then renamed over
-        `filepath`, so an interrupted save never leaves a half-written file. It works on every
-        backend (on TensorFlow, `tf.train.Checkpoint(swag=swag)` works as well). Needs h5py
-        (installed with Keras 3).
-
-        Args:
-            filepath: str or `os.PathLike`, ending in `.weights.h5`.
-        """
-        store = {}
-        self.save_own_variables(store)
-        weights_file.write(filepath, store)
-
-    def load_weights(self, filepath):
-        """Restores the state saved by `save_weights` (checked first, as `load_own_variables`).
-
-        Args:
-            filepath: str or `os.PathLike`, ending in `.weights.h5`.
-        """
-        self.load_own_variables(weights_file.read(filepath))
 
     def _store_fingerprint(self):
         return swag_store.fingerprint(self._max_rank, self._source.variables)

@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_swa.version import __version__
 
-__all__ = ["SUFFIX", "check_path", "read", "write"]
+__all__ = ["SUFFIX", "WeightsFileMethods", "check_path", "read", "write"]
 
 SUFFIX = ".weights.h5"
 
@@ -64,3 +64,34 @@ def read(filepath):
         raise FileNotFoundError(f"No such file: {path!r}")
     with h5py.File(path, "r") as file:
         return {key: np.asarray(file[key]) for key in file.keys()}
+
+
+class WeightsFileMethods:
+    """`save_weights` / `load_weights` for a class with Keras' store protocol.
+
+    The class provides `save_own_variables(store)` and `load_own_variables(store)` (which checks
+    the store before it writes anything); these methods move that store to and from one
+    `.weights.h5` file (`write`, `read`).
+    """
+
+    def save_weights(self, filepath):
+        """Saves the state (`save_own_variables`) to a `.weights.h5` file.
+
+        The file is written under a temporary name in the same folder and then renamed over
+        `filepath`, so an interrupted save never leaves a half-written file. It works on every
+        backend. Needs h5py (installed with Keras 3).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        store = {}
+        self.save_own_variables(store)
+        write(filepath, store)
+
+    def load_weights(self, filepath):
+        """Restores the state saved by `save_weights` (checked first, as `load_own_variables`).
+
+        Args:
+            filepath: str or `os.PathLike`, ending in `.weights.h5`.
+        """
+        self.load_own_variables(read(filepath))
