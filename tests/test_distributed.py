@@ -293,7 +293,7 @@ def test_bn_accumulation_compiles_with_xla_in_float32_and_stays_exact():
     statistics = [rng.normal(size=(400, 3)).astype("float32") + 1000.0, rng.random((400, 5))]
     statistics[1] = statistics[1].astype("float32")
     counts = rng.integers(1, 64, size=400).astype("float32")
-    fold = tf.function(batch_norm_module._accumulate, jit_compile=True)
+    fold = tf.function(batch_norm_module.accumulate, jit_compile=True)
     sums = compensations = tf.zeros([8])
     for k in range(400):
         sums, compensations = fold(
