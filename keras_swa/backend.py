@@ -15,12 +15,13 @@ import logging
 import os
 import sys
 
-import tensorflow as tf
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = [
     "IS_KERAS_3",
     "SUPPORTED_BACKENDS",
     "keras",
+    "nest",
     "ops",
     "backend_name",
     "batch_norm_layers",
@@ -334,3 +335,8 @@ class _NamedState:
 # a plain named object on the other Keras backends (see `_NamedState`). Fixed when keras_swa is
 # imported, like the Keras backend itself.
 StateModule = tf.Module if backend_name() == "tensorflow" else _NamedState
+
+# Nested structures of tensors (`flatten`, `map_structure`, `pack_sequence_as`): `tf.nest` on
+# TensorFlow, whose `tf.data` elements and signatures it was written for; `keras.tree` elsewhere,
+# which flattens the same structures in the same order (dicts by sorted key) without TensorFlow.
+nest = tf.nest if backend_name() == "tensorflow" else keras.tree

@@ -44,11 +44,11 @@ import sys
 import weakref
 
 import numpy as np
-import tensorflow as tf
 
 from keras_swa import backend
 from keras_swa.arguments import is_int
-from keras_swa.backend import keras
+from keras_swa.backend import keras, nest
+from keras_swa.lazy_tensorflow import is_dataset, is_tensor, tf
 
 __all__ = [
     "CachedPass",
@@ -335,7 +335,7 @@ def _sequence_types():
 
 def _batches(data, batch_size, steps):
     """Returns `(iterable of input batches x, number of batches or None)`."""
-    if isinstance(data, tf.data.Dataset):
+    if is_dataset(data):
         _no_batch_size(data, batch_size)
         cardinality = int(data.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
@@ -360,8 +360,8 @@ def _batches(data, batch_size, steps):
         return (_unpack_x(data[i]) for i in range(num)), num
 
     x = _unpack_x(data) if isinstance(data, tuple) else data
-    leaves = tf.nest.flatten(x)
-    if leaves and all(isinstance(leaf, (np.ndarray, tf.Tensor)) for leaf in leaves):
+    leaves = nest.flatten(x)
+    if leaves and all(isinstance(leaf, np.ndarray) or is_tensor(leaf) for leaf in leaves):
         return _array_batches(x, data, batch_size or _DEFAULT_BATCH_SIZE, steps)
 
     _no_batch_size(data, batch_size)
@@ -378,7 +378,7 @@ def _batches(data, batch_size, steps):
 
 
 def _array_batches(x, data, batch_size, steps):
-    leaves = tf.nest.flatten(x)
+    leaves = nest.flatten(x)
     sizes = {int(leaf.shape[0]) if len(leaf.shape) else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
@@ -398,9 +398,16 @@ def _array_batches(x, data, batch_size, steps):
     def generate():
         for i in range(num):
             start, stop = i * batch_size, min((i + 1) * batch_size, size)
-            yield tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[start:stop]), x)
+            yield nest.map_structure(lambda a: _as_batch(a[start:stop]), x)
 
     return generate(), num
+
+
+def _as_batch(array):
+    """A slice of array `data` as the pass takes it: a tensor on TensorFlow, as is elsewhere."""
+    if backend.backend_name() == "tensorflow":
+        return tf.convert_to_tensor(array)
+    return array
 
 
 def _no_batch_size(data, batch_size):
@@ -425,7 +432,7 @@ def _unpack_x(element):
 
 def batch_size_of(x, data):
     """The number of samples in batch `x` (its inputs' leading dimension), checked."""
-    leaves = tf.nest.flatten(x)
+    leaves = nest.flatten(x)
     for leaf in leaves:
         shape = getattr(leaf, "shape", None)
         if shape is not None and len(shape) > 0:
@@ -438,19 +445,19 @@ def batch_size_of(x, data):
 
 def _describe(data):
     """A short description of `data` for error messages (shapes, not values)."""
-    if isinstance(data, tf.data.Dataset):
+    if is_dataset(data):
         return f"<{type(data).__name__} element_spec={data.element_spec}>"
     if isinstance(data, _sequence_types()):
         return f"<{type(data).__name__}>"
 
     def leaf(value):
-        if isinstance(value, (np.ndarray, tf.Tensor)):
+        if isinstance(value, np.ndarray) or is_tensor(value):
             return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype.name})"
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
 
     try:
-        return str(tf.nest.map_structure(leaf, data))
+        return str(nest.map_structure(leaf, data))
     except (TypeError, ValueError):
         return leaf(data)
 

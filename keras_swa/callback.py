@@ -21,7 +21,6 @@ from keras_swa import model_variables, rule_arguments
 from keras_swa.arguments import is_int
 from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
-from keras_swa.backends.tensorflow_backup import StateBackup
 from keras_swa.backup_files import FileStateBackup
 from keras_swa.batch_norm import update_bn
 from keras_swa.distribution import find_strategy
@@ -170,6 +169,10 @@ class SWA(keras.callbacks.Callback):
         # Refused by name where they do not run yet (e.g. on JAX), never silently skipped.
         backend.require_argument_backend("SWA", "backup_dir", backup_dir)
         backend.require_argument_backend("SWA", "export_dir", export_dir)
+        if export_dir is not None and backend.backend_name() == "jax":
+            from keras_swa.backends.jax_export import require_tensorflow
+
+            require_tensorflow("keras_swa.SWA(export_dir=...)", f"export_dir={export_dir!r}")
         super().__init__()
         if start_epoch is not None and start_step is not None:
             raise ValueError(
@@ -415,6 +418,8 @@ class SWA(keras.callbacks.Callback):
         (`keras_swa.backends.tensorflow_backup`), `.weights.h5` + JSON files elsewhere
         (`keras_swa.backup_files`)."""
         if backend.backend_name() == "tensorflow":
+            from keras_swa.backends.tensorflow_backup import StateBackup
+
             return StateBackup(self.backup_dir, self.averaged, strategy=find_strategy(model))
         return FileStateBackup(self.backup_dir, self.averaged)
 

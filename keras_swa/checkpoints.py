@@ -20,11 +20,11 @@ import math
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_swa import backend
 from keras_swa.averaged_weights import AveragedWeights
 from keras_swa.backend import keras
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = ["average_checkpoints"]
 
@@ -154,25 +154,25 @@ def _check_paths(paths):
 
 def _kind(path, index):
     if path.endswith(_KERAS_SUFFIXES):
-        if not tf.io.gfile.exists(path):
+        if not _exists(path):
             raise FileNotFoundError(
                 f"Checkpoint not found: no file {path!r}. Received: paths[{index}]={path!r}"
             )
         return "keras"
-    if tf.io.gfile.exists(path + ".index"):
+    if _exists(path + ".index"):
         return "tf"
-    if path.endswith(".index") and tf.io.gfile.exists(path):
+    if path.endswith(".index") and _exists(path):
         raise ValueError(
             "Pass a TensorFlow checkpoint's prefix, not its `.index` file: "
             f"{path[: -len('.index')]!r}. Received: paths[{index}]={path!r}"
         )
-    if tf.io.gfile.isdir(path):
+    if _isdir(path):
         raise ValueError(
             f"{path!r} is a directory, not a checkpoint: pass checkpoint prefixes, e.g. "
             "`tf.train.CheckpointManager(...).checkpoints` or `tf.train.latest_checkpoint(dir)`. "
             f"Received: paths[{index}]={path!r}"
         )
-    if tf.io.gfile.exists(path):
+    if _exists(path):
         raise ValueError(
             f"{path!r} is neither a Keras weights file (`.weights.h5`, `.h5`, `.keras`) nor a "
             f"TensorFlow checkpoint prefix (no {path + '.index'!r}). "
@@ -182,6 +182,23 @@ def _kind(path, index):
         f"Checkpoint not found: no Keras weights file or TensorFlow checkpoint {path!r} (nor "
         f"{path + '.index'!r}). Received: paths[{index}]={path!r}"
     )
+
+
+def _gfile(path):
+    """`tf.io.gfile` where TensorFlow reads the files (its backend, remote `gs://` paths)."""
+    if backend.backend_name() == "tensorflow" or "://" in path:
+        return tf.io.gfile
+    return None
+
+
+def _exists(path):
+    gfile = _gfile(path)
+    return gfile.exists(path) if gfile is not None else os.path.exists(path)
+
+
+def _isdir(path):
+    gfile = _gfile(path)
+    return gfile.isdir(path) if gfile is not None else os.path.isdir(path)
 
 
 def _load(model, path, kind, index, targets):

@@ -15,10 +15,9 @@ batch is sharded, so the averages and statistics are replicated like the variabl
 several processes) is refused until it is tested.
 """
 
-import tensorflow as tf
-
 from keras_swa import backend
 from keras_swa.backend import keras
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = [
     "check_keras_distribution",

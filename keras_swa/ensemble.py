@@ -8,8 +8,8 @@ model's variables are restored exactly afterwards, also on error.
 """
 
 import numpy as np
-import tensorflow as tf
 
+from keras_swa.backend import nest
 from keras_swa.batch_norm import update_bn
 from keras_swa.model_variables import restored
 
@@ -69,6 +69,6 @@ def average_probabilities(model, load_member, num_members, x, bn_data=None, batc
             if bn_data is not None:
                 update_bn(model, bn_data, batch_size=bn_batch_size, verbose=0)
             out = model.predict(x, batch_size=batch_size, verbose=0)
-            out = tf.nest.map_structure(lambda o: probabilities(o, from_logits), out)
-            total = out if total is None else tf.nest.map_structure(np.add, total, out)
-    return tf.nest.map_structure(lambda t: (t / num_members).astype(np.float32), total)
+            out = nest.map_structure(lambda o: probabilities(o, from_logits), out)
+            total = out if total is None else nest.map_structure(np.add, total, out)
+    return nest.map_structure(lambda t: (t / num_members).astype(np.float32), total)

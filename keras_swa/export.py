@@ -23,10 +23,9 @@ import shutil
 import tempfile
 import uuid
 
-import tensorflow as tf
-
 from keras_swa import backend, distribution
 from keras_swa.backend import keras
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = ["export_saved_model", "model_inputs"]
 

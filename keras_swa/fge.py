@@ -15,7 +15,6 @@ copy of the model's weights per member.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from keras_swa import (
     backend,
@@ -27,7 +26,8 @@ from keras_swa import (
     weights_file,
 )
 from keras_swa.arguments import is_int
-from keras_swa.backend import keras
+from keras_swa.backend import keras, nest
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = ["FGE"]
 
@@ -266,14 +266,14 @@ class FGE(backend.StateModule, weights_file.WeightsFileMethods):
             clone = keras.Model(clone.inputs, clone.outputs, name=f"member_{index}")
             out = clone(inputs, training=False)
             if from_logits:
-                out = tf.nest.map_structure(
+                out = nest.map_structure(
                     lambda o: keras.layers.Softmax(axis=-1)(o), out
                 )
             outputs.append(out)
         if len(outputs) == 1:
             averaged = outputs[0]
         else:
-            averaged = tf.nest.map_structure(
+            averaged = nest.map_structure(
                 lambda *o: keras.layers.Average()(list(o)), *outputs
             )
         return keras.Model(inputs, averaged, name=f"{model.name}_fge_{len(outputs)}")

@@ -13,10 +13,10 @@ is written is a fresh copy too.
 import contextlib
 
 import numpy as np
-import tensorflow as tf
 
 from keras_swa import backend
 from keras_swa.backend import keras
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = [
     "Untracked",
@@ -154,7 +154,7 @@ def collect(model_or_variables, include_non_trainable):
             f"There are no variables to average. Received: model_or_variables={obj!r}"
         )
     for v in variables:
-        if not tf.as_dtype(getattr(v, "dtype", tf.float32)).is_floating:
+        if hasattr(v, "dtype") and not backend.is_floating(v):
             raise TypeError(
                 "Only floating-point variables can be averaged. Received variable "
                 f"{getattr(v, 'path', getattr(v, 'name', v))!r} of dtype {v.dtype}"

@@ -9,7 +9,8 @@ updates all of them) and gives every larger variable an average of its own.
 """
 
 import numpy as np
-import tensorflow as tf
+
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = ["Layout", "PACK_BELOW"]
 

@@ -7,7 +7,7 @@ checkpoint saves one copy. Created as attributes of a `tf.Module`, they are what
 `tf.train.Checkpoint` carries.
 """
 
-import tensorflow as tf
+from keras_swa.lazy_tensorflow import tf
 
 __all__ = ["state_variable"]
 

@@ -36,12 +36,13 @@ echo "== keras_swa tests with Keras 3 on JAX (KERAS_BACKEND=jax)"
 # average_checkpoints of Keras weights files, export_saved_model (through jax2tf), crash-safe resume
 # with backup_dir (SIGKILLed jobs and the file backup), keras.distribution.DataParallel (a job on 2
 # host devices), SWAG and FGE (their backend-neutral tests plus the JAX checks), tf.train.Checkpoint
-# refusing the JAX state, which entry point runs where (docs/backends.md), and every example of
-# README.md and docs/ that is not marked "# TensorFlow only".
+# refusing the JAX state, which entry point runs where (docs/backends.md), keras_swa with
+# TensorFlow absent (test_without_tensorflow.py), and every example of README.md and docs/ that is
+# not marked "# TensorFlow only".
 KERAS_BACKEND=jax pytest "${XDIST[@]}" tests/test_averaged_weights_jax.py tests/test_backends.py \
   tests/test_update_bn.py tests/test_callback.py tests/test_jax_callback.py \
   tests/test_schedules.py tests/test_average_checkpoints.py tests/test_export.py \
   tests/test_resume.py tests/test_backup_files.py tests/test_data_parallel.py \
   tests/test_swag.py tests/test_swag_jax.py tests/test_fge.py tests/test_fge_jax.py \
   tests/test_jax_checkpoint.py tests/test_averages_packing_jax.py \
-  tests/test_readme.py "$@"
+  tests/test_without_tensorflow.py tests/test_readme.py "$@"

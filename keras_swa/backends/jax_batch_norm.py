@@ -37,7 +37,6 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from keras_swa import batch_norm, distribution
 from keras_swa.backend import keras
@@ -60,16 +59,16 @@ def host_arrays(data):
     if isinstance(data, jax.Array):
         return np.asarray(data)
     if isinstance(data, (list, tuple, dict)):
-        leaves = tf.nest.flatten(data)
+        leaves = keras.tree.flatten(data)
         if any(isinstance(leaf, jax.Array) for leaf in leaves):
-            return tf.nest.map_structure(
+            return keras.tree.map_structure(
                 lambda leaf: np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf, data
             )
     return data
 
 
 def _as_numpy(x):
-    return tf.nest.map_structure(np.asarray, x)
+    return keras.tree.map_structure(np.asarray, x)
 
 
 def _shard(x, current):
@@ -88,7 +87,7 @@ def _shard(x, current):
             return leaf
         return keras.distribution.distribute_tensor(leaf, current.get_data_layout(leaf.shape))
 
-    return tf.nest.map_structure(shard, x)
+    return keras.tree.map_structure(shard, x)
 
 
 def recompute(model, layers, batches, data, steps, progbar, call_fn):

@@ -14,9 +14,28 @@ archive on both backends; before it does, on JAX it needs
 
 import importlib
 
+from keras_swa import lazy_tensorflow
 from keras_swa.backends.jax import sync
 
-__all__ = ["prepare_export"]
+__all__ = ["prepare_export", "require_tensorflow"]
+
+_NEEDS = (
+    "writes the SavedModel with `keras.export.ExportArchive`, which converts the model "
+    "through jax2tf and needs TensorFlow"
+)
+
+
+def require_tensorflow(what, received):
+    """Raises a clear `ImportError` now if TensorFlow is not installed (without importing it).
+
+    `SWA(export_dir=...)` calls it at construction, so that a run that could not export its
+    model at the end fails before it trains.
+    """
+    if not lazy_tensorflow.available():
+        raise ImportError(
+            f"{what} on the JAX backend {_NEEDS}, which is not installed: "
+            f"{lazy_tensorflow.INSTALL_HINT}. Received: {received}"
+        )
 
 
 def prepare_export(model):
@@ -26,10 +45,8 @@ def prepare_export(model):
             importlib.import_module(module)
         except ImportError as e:
             raise ImportError(
-                "keras_swa.export_saved_model on the JAX backend writes the SavedModel with "
-                "`keras.export.ExportArchive`, which converts the model through jax2tf and "
-                "needs TensorFlow: install it with `pip install tensorflow` (or "
-                "`pip install tensorflow-cpu`). "
+                f"keras_swa.export_saved_model on the JAX backend {_NEEDS}: "
+                f"{lazy_tensorflow.INSTALL_HINT}. "
                 f"Received: an error importing {module!r}: {e}"
             ) from e
     sync(model)
