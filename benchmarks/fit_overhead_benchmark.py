@@ -57,7 +57,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -65,6 +64,7 @@ from benchmarks import flags as bench  # noqa: E402
 from keras_swa.backend import keras  # noqa: E402
 from keras_swa.batch_norm import update_bn  # noqa: E402
 from keras_swa.callback import SWA  # noqa: E402
+from keras_swa.lazy_tensorflow import tf  # noqa: E402  (imported on TensorFlow only)
 
 FLAGS = flags.FLAGS
 
@@ -227,7 +227,6 @@ def main(_):
     repeats, warmup = bench.rounds(
         default_repeats=8, default_warmup=1, quick_repeats=1, quick_warmup=0
     )
-    tf.get_logger().setLevel("ERROR")
     if on_jax:
         import jax
 
@@ -237,6 +236,7 @@ def main(_):
         backend_config = {"backend": "jax", "device": str(device)}
         extra_versions = {"jax": jax.__version__}
     else:
+        tf.get_logger().setLevel("ERROR")
         name_written = NAME
         platform = f"TF {tf.__version__}"
         backend_config = {

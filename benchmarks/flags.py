@@ -11,6 +11,7 @@ date, every timing and ratio), `NAME.md` (the table printed to stdout) and `NAME
 """
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -204,16 +205,16 @@ def versions(**extra):
     Also records where keras_swa was imported from (an installed wheel or a source tree).
     """
     import numpy as np
-    import tensorflow as tf
 
     import keras_swa
-    from keras_swa import version
+    from keras_swa import lazy_tensorflow, version
     from keras_swa.backend import IS_KERAS_3, keras
 
     out = {
         "python": sys.version.split()[0],
         "numpy": np.__version__,
-        "tensorflow": tf.__version__,
+        "tensorflow": importlib.import_module("tensorflow").__version__
+        if lazy_tensorflow.available() else "not installed",
         "keras": keras.__version__,
         "keras_flavour": "keras 3" if IS_KERAS_3 else "tf_keras (Keras 2)",
         "keras_swa": version.__version__,

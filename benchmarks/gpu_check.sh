@@ -3,19 +3,22 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # from the repository root, under 5 minutes
 #
-# Figures go to OUTPUT_DIR (default: $OUT if set, else benchmarks/results/gpu). With TensorFlow
-# installed it runs, each under its own time limit (120 + 75 + 90 s):
+# Figures go to OUTPUT_DIR (default: $OUT if set, else benchmarks/results/gpu). Where keras_swa
+# imports (Keras 3 and JAX; TensorFlow is not needed on JAX) it runs, each under its own time
+# limit (120 + 75 + 90 s):
 #   python -m benchmarks.averaging_benchmark --backend=jax     (keras_swa's rows, the donated
 #       flat-lerp floor, torch's rows on CUDA if torch is there)
 #   python -m benchmarks.memory_benchmark --backend=jax        (100M parameters; device memory
 #       from memory_stats(), XLA's memory_analysis() of the update)
 #   python -m benchmarks.fit_overhead_benchmark --backend=jax --repeats=4
-# and exits non-zero if any of them failed. keras_swa itself imports TensorFlow
-# (keras_swa/backend.py), so WITHOUT TensorFlow it says so and times only what runs without
-# keras_swa: the same floor, and keras_swa's update rebuilt in pure JAX (one donated jax.jit
-# over the per-tensor averages, with and without the NaN/Inf check), with XLA's
-# memory_analysis() of that program and the device's memory_stats(), written to
-# OUTPUT_DIR/gpu_check_pure_jax.{json,md}. PYTHON picks the interpreter (default: python).
+# and exits non-zero if any of them failed. A machine with JAX but without Keras (or absl-py)
+# gets Keras from wheels carried along (keras and its pure-Python requirements: absl-py, h5py,
+# ml-dtypes, namex, optree, packaging, rich, markdown-it-py, mdurl, pygments) on PYTHONPATH.
+# Where keras_swa cannot be imported at all, it says why and times only what runs without it:
+# the same floor, and keras_swa's update rebuilt in pure JAX (one donated jax.jit over the
+# per-tensor averages, with and without the NaN/Inf check), with XLA's memory_analysis() of that
+# program and the device's memory_stats(), written to OUTPUT_DIR/gpu_check_pure_jax.{json,md}.
+# PYTHON picks the interpreter (default: python).
 set -u
 PYTHON=${PYTHON:-python}
 OUTPUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
@@ -26,7 +29,7 @@ echo "== JAX devices"
 "$PYTHON" -c "import jax; print(jax.__version__, jax.devices())" || exit 1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
 
-if "$PYTHON" -c "import tensorflow, keras_swa" 2>/dev/null; then
+if "$PYTHON" -c "import absl, keras_swa"; then
   failed=0
   echo "== keras_swa imports: JAX averaging benchmark"
   timeout 120 "$PYTHON" -m benchmarks.averaging_benchmark --backend=jax \
@@ -40,9 +43,8 @@ if "$PYTHON" -c "import tensorflow, keras_swa" 2>/dev/null; then
   exit $failed
 fi
 
-echo "== keras_swa does NOT import here: TensorFlow is missing (keras_swa/backend.py imports it"
-echo "   at the top), so there are no keras_swa rows. Timing only the floor and a pure-JAX"
-echo "   rebuild of keras_swa's update."
+echo "== keras_swa (or absl-py) does NOT import here (the error above says why), so there are no"
+echo "   keras_swa rows. Timing only the floor and a pure-JAX rebuild of keras_swa's update."
 timeout 270 "$PYTHON" - "$OUTPUT_DIR" <<'PYEOF'
 import functools, json, os, statistics, sys, time
 
