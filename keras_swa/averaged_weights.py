@@ -23,8 +23,6 @@ Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better 
 UAI 2018, arXiv 1803.05407.
 """
 
-import contextlib
-
 from keras_swa import (
     averages_store,
     averaging,
@@ -36,6 +34,7 @@ from keras_swa import (
     weights_file,
 )
 from keras_swa.backend import keras
+from keras_swa.swap_context import swap_context
 
 __all__ = ["AveragedWeights"]
 
@@ -325,12 +324,14 @@ class AveragedWeights(backend.StateModule):
             return
         self._state.write(targets, backup)
 
-    @contextlib.contextmanager
+    @swap_context
     def swap(self, model=None):
         """Context manager: the averages are in the model inside, the original weights after.
 
         The original values are copied in their own dtype and restored exactly on exit, also
-        when the body raises.
+        when the body raises. Called without `with` it changes nothing and warns (a
+        `RuntimeWarning`): unlike tensorflow-addons' `swap_weights()`, it swaps only for the
+        block; `assign_to()` writes the averages for good.
 
         Args:
             model: as for `assign_to`. Defaults to the averaged variables themselves.

@@ -24,7 +24,6 @@ by `tf.train.Checkpoint`; on JAX it is not, and `tf.train.Checkpoint` refuses it
 (`keras_swa.swag_store`).
 """
 
-import contextlib
 import numbers
 
 import numpy as np
@@ -40,6 +39,7 @@ from keras_swa import (
 )
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras
+from keras_swa.swap_context import swap_context
 
 __all__ = ["SWAG"]
 
@@ -233,9 +233,11 @@ class SWAG(backend.StateModule, weights_file.WeightsFileMethods):
         self._require_captures()
         model_variables.assign_values(self._targets(model), self.averages)
 
-    @contextlib.contextmanager
+    @swap_context
     def swap(self, model=None):
         """Context manager: the SWA mean in the model inside, the original weights after.
+
+        Called without `with` it changes nothing and warns, as `AveragedWeights.swap` does.
 
         Args:
             model: as for `assign_to`. Defaults to the tracked variables themselves.

@@ -7,6 +7,8 @@ Deviation convention (Maddox et al. 2019, Algorithm 1): after capture i (1-based
 mean mu_i = mean(w_1..w_i), the column is w_i - mu_i; the factor D holds the last K columns.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -429,3 +431,29 @@ def test_bad_arguments():
     variables_only.update()
     with pytest.raises(ValueError, match="list of variables"):
         variables_only.predict(np.ones((1, 4), "float32"), num_samples=1, cov=False)
+
+
+@pytest.mark.parametrize("cls", [AveragedWeights, SWAG])
+def test_swap_without_with_warns_and_changes_nothing(cls):
+    # tensorflow-addons' `swap_weights()` swapped when called; `swap()` only swaps in a block.
+    model = _dense_model()
+    state = cls(model)
+    rng = np.random.default_rng(11)
+    captures = _capture(model, state, rng, 3)
+    before = [np.array(v.numpy()) for v in model.trainable_variables]
+
+    def forgot():
+        state.swap()  # a call on its own line, as `swap_weights()` was used
+
+    with pytest.warns(RuntimeWarning, match=r"swap\(\)` swapped nothing.*with .*assign_to"):
+        forgot()
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v.numpy()))
+    # Used as meant, it swaps in numpy's mean of the captures, with no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with state.swap():
+            inside = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
+    np.testing.assert_allclose(inside, captures.mean(axis=0), rtol=1e-6, atol=1e-6)
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, np.array(v.numpy()))
