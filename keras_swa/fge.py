@@ -47,9 +47,9 @@ def _value(snapshot):
 class FGE(backend.StateModule, weights_file.WeightsFileMethods):
     """A Fast Geometric Ensemble: snapshots of a model whose probabilities are averaged.
 
-    Call `add()` (or its alias `update()`) at the end of every learning-rate cycle; `predict()`
-    returns the average of the members' predicted probabilities, and `export_saved_model()`
-    writes one SavedModel whose serving signature returns that average, without keras_swa.
+    Call `add()` at the end of every learning-rate cycle; `predict()` returns the average of
+    the members' predicted probabilities, and `export_saved_model()` writes one SavedModel whose
+    serving signature returns that average, without keras_swa.
 
     The snapshots are `tf.Variable`s of this `tf.Module` (`members[j]` lists member `j`'s
     weights in the order of `model.weights`), so `tf.train.Checkpoint` carries them once the
@@ -122,11 +122,6 @@ class FGE(backend.StateModule, weights_file.WeightsFileMethods):
         self.members.append(snapshot)
         if self._max_members is not None and len(self.members) > self._max_members:
             del self.members[0]
-
-    def update(self):
-        """Same as `add()`: the name a capture callback calls on SWA's averaging state."""
-        self.add()
-        return True
 
     def save_own_variables(self, store):
         """Writes every member into a Keras-style store (`keras_swa.fge_store`).
