@@ -48,7 +48,7 @@ import numpy as np
 from keras_swa import backend
 from keras_swa.arguments import is_int
 from keras_swa.backend import keras, nest
-from keras_swa.lazy_tensorflow import is_dataset, is_tensor, tf
+from keras_swa.lazy_tensorflow import is_instance, tf
 
 __all__ = [
     "CachedPass",
@@ -335,7 +335,7 @@ def _sequence_types():
 
 def _batches(data, batch_size, steps):
     """Returns `(iterable of input batches x, number of batches or None)`."""
-    if is_dataset(data):
+    if is_instance(data, "data.Dataset"):
         _no_batch_size(data, batch_size)
         cardinality = int(data.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
@@ -361,7 +361,9 @@ def _batches(data, batch_size, steps):
 
     x = _unpack_x(data) if isinstance(data, tuple) else data
     leaves = nest.flatten(x)
-    if leaves and all(isinstance(leaf, np.ndarray) or is_tensor(leaf) for leaf in leaves):
+    if leaves and all(
+        isinstance(leaf, np.ndarray) or is_instance(leaf, "Tensor") for leaf in leaves
+    ):
         return _array_batches(x, data, batch_size or _DEFAULT_BATCH_SIZE, steps)
 
     _no_batch_size(data, batch_size)
@@ -445,13 +447,13 @@ def batch_size_of(x, data):
 
 def _describe(data):
     """A short description of `data` for error messages (shapes, not values)."""
-    if is_dataset(data):
+    if is_instance(data, "data.Dataset"):
         return f"<{type(data).__name__} element_spec={data.element_spec}>"
     if isinstance(data, _sequence_types()):
         return f"<{type(data).__name__}>"
 
     def leaf(value):
-        if isinstance(value, np.ndarray) or is_tensor(value):
+        if isinstance(value, np.ndarray) or is_instance(value, "Tensor"):
             return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={value.dtype.name})"
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."

@@ -7,15 +7,15 @@ what reads or writes TensorFlow's own formats needs it there, and imports it whe
 `tf.train.Checkpoint` prefixes, and remote (`gs://`, ...) paths. Without TensorFlow those raise an
 `ImportError` that says what to install.
 
-`is_dataset` and `is_tensor` answer without importing TensorFlow: a value cannot be a
-`tf.data.Dataset` or a `tf.Tensor` unless TensorFlow has been imported by someone already.
+`is_instance` answers without importing TensorFlow: a value cannot be a `tf.data.Dataset` or a
+`tf.Tensor` unless TensorFlow has been imported by someone already.
 """
 
 import importlib
 import importlib.util
 import sys
 
-__all__ = ["INSTALL_HINT", "available", "is_dataset", "is_tensor", "tf"]
+__all__ = ["INSTALL_HINT", "available", "is_instance", "tf"]
 
 INSTALL_HINT = "install it with `pip install tensorflow` (or `pip install tensorflow-cpu`)"
 
@@ -76,27 +76,21 @@ def available():
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def is_dataset(value):
-    """Whether `value` is a `tf.data.Dataset` (`False`, without importing, if TF is not loaded).
+def is_instance(value, name):
+    """Whether `value` is a `tf.<name>`, e.g. `"data.Dataset"` or `"Tensor"`.
+
+    `False`, without importing TensorFlow, if nothing has imported it yet: no value can be a
+    TensorFlow object then.
 
     Example:
 
     >>> import numpy as np
-    >>> is_dataset(np.zeros(3))
-    False
+    >>> is_instance(np.zeros(3), "data.Dataset"), is_instance(tf.constant(1.0), "Tensor")
+    (False, True)
     """
-    module = _loaded()
-    return module is not None and isinstance(value, module.data.Dataset)
-
-
-def is_tensor(value):
-    """Whether `value` is a `tf.Tensor` (`False`, without importing, if TF is not loaded).
-
-    Example:
-
-    >>> import numpy as np
-    >>> is_tensor(np.zeros(3))
-    False
-    """
-    module = _loaded()
-    return module is not None and isinstance(value, module.Tensor)
+    cls = _loaded()
+    if cls is None:
+        return False
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    return isinstance(value, cls)
