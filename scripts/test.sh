@@ -16,6 +16,8 @@ export KERAS_SWA_TEST_INSTALLED=1
 # whose Python overhead keeps one core busy, so two workers use both cores. KERAS_SWA_TEST_WORKERS=0
 # runs everything in this process.
 XDIST=(-n "${KERAS_SWA_TEST_WORKERS:-2}" --dist loadfile)
+# Each pass lists its 15 slowest tests, so that CI's log shows where its time budget goes.
+XDIST+=(--durations=15)
 echo "== keras_swa tests with Keras 3"
 pytest "${XDIST[@]}" tests "$@"
 echo "== keras_swa tests with tf_keras (TF_USE_LEGACY_KERAS=1)"
