@@ -134,13 +134,25 @@ def resnet50_shapes():
     return shapes
 
 
-def _timed(fn):
+def _timed(fn, settle_s=0.0):
+    """`fn` timed; then, untimed, `settle_s` seconds of sleep before the next variant runs."""
+
     def run():
         start = time.perf_counter()
         fn()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if settle_s:
+            time.sleep(settle_s)
+        return elapsed
 
     return run
+
+
+# torch's OpenMP worker threads keep spinning for a while after a call returns: on 2 CPUs they
+# would take the cores from the variant timed next (measured: keras_swa's JAX rows 1.14x -> 1.26x
+# the floor with torch's rows in the rounds). A pause after each torch call, outside its timing,
+# lets them go to sleep first; torch's own calls keep their spinning threads within a call.
+TORCH_SETTLE_S = 0.02
 
 
 def make_product(sources, **kwargs):
@@ -428,8 +440,9 @@ def main(_):
     if torch is None:
         notes.append(f"torch rows skipped: {why_not}.")
     else:
-        variants[TORCH_FOREACH] = _timed(make_torch_foreach(torch, arrays, torch_device))
-        variants[TORCH_FLAT] = _timed(make_torch_flat(torch, arrays, torch_device))
+        settle = TORCH_SETTLE_S if torch_device == "cpu" else 0.0
+        variants[TORCH_FOREACH] = _timed(make_torch_foreach(torch, arrays, torch_device), settle)
+        variants[TORCH_FLAT] = _timed(make_torch_flat(torch, arrays, torch_device), settle)
 
     timings = bench.interleave(variants, repeats, warmup)
 
