@@ -306,24 +306,6 @@ class AveragedWeights(backend.StateModule):
         targets = self._check_target(model)
         self._state.write_averages(targets)
 
-    def _copy(self, targets):
-        """The values of `targets`, kept apart from them until restored (`_put_back`)."""
-        if self._jax is not None:
-            # A `jax.Array` is immutable and no longer held by the variable once the averages
-            # are assigned, so nothing can donate or change it: a reference is a copy.
-            return [t.value for t in targets]
-        return model_variables.copy_values(targets)
-
-    def _put_back(self, targets, backup):
-        """Restores what `_copy` took (bit for bit)."""
-        if self._jax is not None:
-            # The variables' own former arrays, which nothing has donated since (see `_copy`):
-            # handing them back needs no copy.
-            for target, value in zip(targets, backup):
-                target.assign(value)
-            return
-        self._state.write(targets, backup)
-
     @swap_context
     def swap(self, model=None):
         """Context manager: the averages are in the model inside, the original weights after.
@@ -338,12 +320,12 @@ class AveragedWeights(backend.StateModule):
         """
         self._require_captures()
         targets = self._check_target(model)
-        backup = self._copy(targets)
+        backup = self._state.keep(targets)
         self._state.write_averages(targets)
         try:
             yield self
         finally:
-            self._put_back(targets, backup)
+            self._state.put_back(targets, backup)
 
     # ------------------------------------------------------------------ Keras-style saving
 

@@ -322,6 +322,22 @@ class Averages:
         """
         self.write(targets, self._averages())
 
+    @staticmethod
+    def keep(targets):
+        """The targets' values, for `put_back`: their arrays themselves, no copy.
+
+        A `jax.Array` is immutable, and once the averages are assigned the variable no longer
+        holds it, so nothing can donate or change it: a reference is a copy.
+        """
+        return [target.value for target in targets]
+
+    @staticmethod
+    def put_back(targets, kept):
+        """Restores what `keep` took, bit for bit: the variables' own former arrays, which
+        nothing has donated since, so handing them back needs no copy."""
+        for target, value in zip(targets, kept):
+            target.assign(value)
+
     def finite_flags(self):
         """One bool per tracked variable (a NumPy array): are all its values finite?"""
         sync(self.model)

@@ -26,7 +26,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from keras_swa import backend, packing
+from keras_swa import backend, model_variables, packing
 from keras_swa.backends import tensorflow_finite_check
 from keras_swa.state_variables import state_variable
 
@@ -124,6 +124,15 @@ class Averages:
     def write_averages(self, targets):
         """Writes each average into its target (cast to the target's dtype), tracked order."""
         self.write(targets, self.values())
+
+    @staticmethod
+    def keep(targets):
+        """Copies of the targets' values, each in its own dtype, for `put_back`."""
+        return model_variables.copy_values(targets)
+
+    def put_back(self, targets, kept):
+        """Restores what `keep` took, bit for bit."""
+        self.write(targets, kept)
 
     def finite_flags(self):
         """One bool per tracked variable (a NumPy array): are all its values finite?"""
