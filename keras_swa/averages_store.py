@@ -33,7 +33,7 @@ def fingerprint(rule, variables):
 def fill(store, mine, averages, count):
     """Writes the fingerprint `mine`, the count and the `averages` (fp32) into `store`."""
     stores.write_fingerprint(store, mine)
-    store["n_averaged"] = np.asarray(count, np.int64)
+    stores.write_count(store, count)
     for i, average in enumerate(averages):
         store[str(i)] = np.asarray(average, np.float32)
 

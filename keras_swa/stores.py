@@ -11,12 +11,17 @@ import json
 
 import numpy as np
 
-__all__ = ["entry", "read_count", "read_fingerprint", "write_fingerprint"]
+__all__ = ["entry", "read_count", "read_fingerprint", "write_count", "write_fingerprint"]
 
 
 def write_fingerprint(store, fingerprint):
     """Writes the JSON-able dict `fingerprint` (with a `"format"` key) into `store`."""
     store["fingerprint"] = np.frombuffer(json.dumps(fingerprint).encode("utf-8"), np.uint8)
+
+
+def write_count(store, count):
+    """Writes the count into `store` as `"n_averaged"` (int64), as `read_count` reads it."""
+    store["n_averaged"] = np.asarray(count, np.int64)
 
 
 def entry(store, key, owner):

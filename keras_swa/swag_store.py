@@ -38,7 +38,7 @@ def fingerprint(max_rank, variables):
 def fill(store, mine, groups, count):
     """Writes the fingerprint `mine`, the count and `groups` (means, m2s, deviations) to `store`."""
     stores.write_fingerprint(store, mine)
-    store["n_averaged"] = np.asarray(count, np.int64)
+    stores.write_count(store, count)
     for name, values in zip(GROUPS, groups):
         for i, value in enumerate(values):
             store[f"{name}_{i}"] = np.asarray(value, np.float32)
