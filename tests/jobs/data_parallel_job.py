@@ -60,13 +60,26 @@ def with_distribution(distribution, fn):
         keras.distribution.set_distribution(None)
 
 
+def start_and_steps(name, rng, steps=4):
+    """The weights of a fresh `mlp(name)` and `steps` random changes of its trainable weights."""
+    base = mlp(name)
+    deltas = [[rng.normal(size=w.shape).astype("float32") for w in base.trainable_weights]
+              for _ in range(steps)]
+    return base.get_weights(), deltas
+
+
+def take_step(model, delta, name):
+    """Adds `delta` to the trainable weights and records them as `name_j` (weight `j`)."""
+    for v, d in zip(model.trainable_variables, delta):
+        v.assign(v.numpy() + d)
+    for j, v in enumerate(model.trainable_variables):
+        record(f"{name}_{j}", v.numpy())
+
+
 def averaged_weights(distribution):
     """SWA, EMA and NaN-checked updates; assign_to/swap; reset and reload keep the placement."""
     rng = np.random.default_rng(0)
-    base = mlp("base")
-    weights = base.get_weights()
-    deltas = [[rng.normal(size=w.shape).astype("float32") for w in base.trainable_weights]
-              for _ in range(4)]
+    weights, deltas = start_and_steps("base", rng)
     for tag, dist in (("dp", distribution), ("single", None)):
         for mode, kwargs in (("swa", {}), ("ema", {"mode": "ema", "decay": 0.75}),
                              ("ignore", {"nonfinite": "ignore"})):
@@ -77,10 +90,7 @@ def averaged_weights(distribution):
                 model.set_weights(weights)
                 averaged = keras_swa.AveragedWeights(model, **kwargs)
                 for i, delta in enumerate(deltas):
-                    for v, d in zip(model.trainable_variables, delta):
-                        v.assign(v.numpy() + d)
-                    for j, v in enumerate(model.trainable_variables):
-                        record(f"{key}_snapshot{i}_{j}", v.numpy())
+                    take_step(model, delta, f"{key}_snapshot{i}")
                     assert averaged.update() is True
                 return model, averaged
 
@@ -105,10 +115,7 @@ def averaged_weights(distribution):
 def swag_and_fge(distribution):
     """SWAG's statistics and draws, FGE's members and ensemble, with and without the mesh."""
     rng = np.random.default_rng(1)
-    base = mlp("swag_base")
-    weights = base.get_weights()
-    deltas = [[rng.normal(size=w.shape).astype("float32") for w in base.trainable_weights]
-              for _ in range(4)]
+    weights, deltas = start_and_steps("swag_base", rng)
     x = rng.normal(size=(6, 5)).astype("float32")
     for tag, dist in (("dp", distribution), ("single", None)):
         key = f"swag_{tag}"
@@ -119,10 +126,7 @@ def swag_and_fge(distribution):
             swag = keras_swa.SWAG(model, max_rank=3)
             fge = keras_swa.FGE(model)
             for i, delta in enumerate(deltas):
-                for v, d in zip(model.trainable_variables, delta):
-                    v.assign(v.numpy() + d)
-                for j, v in enumerate(model.trainable_variables):
-                    record(f"{key}_snapshot{i}_{j}", v.numpy())
+                take_step(model, delta, f"{key}_snapshot{i}")
                 assert swag.update() is True
                 if i >= 1:
                     fge.add()
